@@ -1,0 +1,33 @@
+# One command each for a fresh machine:  make demo  |  make test
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= data
+ARCH   := $(shell uname -m)
+# torch + torchvision pairs known to import together (see ../shared/ENVIRONMENT.md)
+TORCH  := $(if $(filter aarch64,$(ARCH)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
+
+.PHONY: setup data demo test clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+# Fashion-MNIST: Debian's package where it can be installed, else torchvision's download.
+data: $(VENV)/.installed
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || true; fi
+	$(VENV)/bin/flain data fetch fmnist --data-dir $(DATA)
+
+demo: setup
+	$(VENV)/bin/flain run
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

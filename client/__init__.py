@@ -1,0 +1,1 @@
+"""Flower ClientApp: benign and malicious local training."""

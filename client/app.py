@@ -1,0 +1,48 @@
+"""ClientApp: local training on this node's partition (benign or malicious)."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.training import client_data, train_local
+from experiment.config import ExperimentConfig
+from experiment.data import DATASETS
+from models import build_model, pick_device
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    if num_partitions != cfg.num_clients:
+        raise ValueError(
+            f"node has num-partitions={num_partitions} but num-clients={cfg.num_clients}: "
+            "start as many nodes as clients"
+        )
+    data = client_data(cfg, partition_id)
+    server_round = int(msg.content["config"]["server-round"])
+    # Each (seed, round, client) draws its own batches and dropout masks.
+    torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1009 + partition_id)
+
+    model = build_model(cfg.dataset, DATASETS[cfg.dataset].num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(pick_device())
+    loss = train_local(
+        model, data.images, data.labels, cfg.local_epochs, cfg.batch_size, cfg.lr,
+        seed=cfg.seed * 7919 + server_round * 31 + partition_id,
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data.labels),
+            "train-loss": loss,
+            "malicious": int(data.malicious),
+            "poisoned": data.poisoned,
+        }
+    )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,77 @@
+"""A client's local data (its partition, poisoned if it is malicious) and local training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacks import TRIGGERS, malicious_clients, poison
+from experiment.config import ExperimentConfig
+from experiment.data import DATASETS, load, partition_indices, subsample, to_float
+
+
+@dataclass(frozen=True)
+class ClientData:
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor
+    malicious: bool
+    poisoned: int  # number of stamped-and-relabelled images
+
+
+@lru_cache(maxsize=2)
+def _partitions(dataset: str, data_dir: str, num: int, partition: str, alpha: float, seed: int) -> list[np.ndarray]:
+    _, labels = load(dataset, data_dir, train=True)
+    return partition_indices(labels.numpy(), num, partition, alpha, seed)
+
+
+@lru_cache(maxsize=4)
+def client_data(cfg: ExperimentConfig, partition_id: int) -> ClientData:
+    """This client's training set; the same in every round (cached per process)."""
+    if not 0 <= partition_id < cfg.num_clients:
+        raise ValueError(f"partition-id={partition_id} not in 0..{cfg.num_clients - 1}")
+    images, labels = load(cfg.dataset, cfg.data_dir, train=True)
+    parts = _partitions(cfg.dataset, cfg.data_dir, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed)
+    idx = torch.from_numpy(subsample(parts[partition_id], cfg.train_fraction, cfg.seed + partition_id))
+    x, y = images[idx], labels[idx]
+    malicious = partition_id in malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed)
+    poisoned = 0
+    if malicious:
+        trigger = TRIGGERS[cfg.trigger](*DATASETS[cfg.dataset].shape[1:])
+        x, y, poisoned = poison(x, y, trigger, cfg.source_label, cfg.target_label, cfg.pdr, cfg.seed + partition_id)
+    return ClientData(x, y, malicious, poisoned)
+
+
+def train_local(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> float:
+    """Adam (betas 0.9/0.999), cross-entropy; returns the mean loss of the last epoch."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    mean_loss = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        total, seen = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            x, y = to_float(images[batch]).to(device), labels[batch].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            seen += len(batch)
+        mean_loss = total / max(seen, 1)
+    return mean_loss

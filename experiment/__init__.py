@@ -1,0 +1,1 @@
+"""Experiment definition shared by server and clients: configuration, data sets, CLI."""

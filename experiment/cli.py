@@ -1,0 +1,149 @@
+"""`flain`: the command for people.
+
+  flain run [--set key=value ...] [--name NAME] [--gpu] [--verbose] [--dry-run]
+  flain data fetch NAME [--data-dir DIR]
+
+`flain run` validates the configuration, prepares the data, runs the Flower app as a
+simulation on a private SuperLink, shows progress per round, prints the results table
+and exits non-zero when the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from experiment.config import PROJECT_ROOT, ConfigError, ExperimentConfig, default_run_config, parse_overrides
+from experiment.data import DATASETS, DataUnavailable, fetch
+
+# log lines shown without --verbose: our per-round progress, Flower's round headers, problems
+_PROGRESS = re.compile(r"\[flain\]|\[ROUND \d+/\d+\]|Run directory|ERROR|Error|Traceback|failures")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def resolve(overrides: dict[str, Any], name: str | None) -> ExperimentConfig:
+    """Defaults + overrides, validated; data-dir and run-dir made absolute."""
+    run_config = default_run_config()
+    unknown = sorted(set(overrides) - set(run_config))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; allowed keys: {sorted(run_config)}")
+    run_config.update(overrides)
+    cfg = ExperimentConfig.from_run_config(run_config)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / (name or cfg.default_run_name())
+    return cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()), run_dir=str(run_dir.resolve()))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = resolve(parse_overrides(args.set), args.name)
+    except ConfigError as exc:
+        print(f"flain: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps(cfg.to_run_config(), indent=2))
+        return 0
+    federation: dict[str, Any] = {"num-supernodes": cfg.num_clients, "client-resources-num-cpus": 1}
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("flain: --gpu given but no CUDA device is visible", file=sys.stderr)
+            return 2
+        federation["client-resources-num-gpus"] = args.gpu_share
+    else:
+        federation["client-resources-num-gpus"] = 0.0
+
+    print(f"flain: preparing {cfg.dataset} in {cfg.data_dir}", flush=True)
+    try:
+        fetch(cfg.dataset, cfg.data_dir)
+    except DataUnavailable as exc:
+        print(f"flain: data error: {exc}", file=sys.stderr)
+        return 3
+
+    from experiment.superlink import RunFailed, private_superlink, write_run_config
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+
+    def show(line: str) -> None:
+        line = _ANSI.sub("", line)
+        tail.append(line)
+        if args.verbose or _PROGRESS.search(line):
+            print(line, flush=True)
+
+    started = time.perf_counter()
+    print(f"flain: {cfg.num_clients} clients, {cfg.num_rounds} rounds, results in {run_dir}", flush=True)
+    try:
+        with private_superlink() as link:
+            config_file = write_run_config(cfg.to_run_config(), link.workdir / "run-config.toml")
+            run_id = link.submit(PROJECT_ROOT, config_file, federation)
+            final = link.follow(run_id, show)
+            if final["status"] != "finished:completed":
+                raise RunFailed(f"{final['status']}: {final.get('status-details', '')}")
+    except KeyboardInterrupt:
+        print("\nflain: interrupted; every process started was stopped", file=sys.stderr)
+        return 130
+    except (RunFailed, RuntimeError) as exc:
+        print("\n".join(["", "flain: last log lines:", *tail]), file=sys.stderr)
+        print(f"flain: run failed: {exc}", file=sys.stderr)
+        return 1
+
+    from server.results import format_table
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"\nflain: finished in {time.perf_counter() - started:.0f}s; results in {run_dir}\n")
+    print(format_table(summary))
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    if args.name not in DATASETS:
+        print(f"flain: unknown data set {args.name!r}; choose one of {sorted(DATASETS)}", file=sys.stderr)
+        return 2
+    try:
+        fetch(args.name, Path(args.data_dir).resolve())
+    except DataUnavailable as exc:
+        print(f"flain: data error: {exc}", file=sys.stderr)
+        return 3
+    print(f"flain: {args.name} is ready in {Path(args.data_dir).resolve()}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one experiment as a Flower simulation")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a run-config key (repeatable), e.g. --set num-rounds=5")
+    run.add_argument("--name", help="run directory name under runs/ (default: generated)")
+    run.add_argument("--gpu", action="store_true", help="let the clients share one GPU")
+    run.add_argument("--gpu-share", type=float, default=0.25,
+                     help="share of the GPU per client with --gpu (default 0.25: 4 at a time)")
+    run.add_argument("--verbose", "-v", action="store_true", help="show every Flower log line")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
+    run.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch_p = data_sub.add_parser("fetch", help="prepare a data set in the data directory")
+    fetch_p.add_argument("name", help=f"one of {sorted(DATASETS)}")
+    fetch_p.add_argument("--data-dir", default=default_run_config()["data-dir"])
+    fetch_p.set_defaults(func=cmd_data_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

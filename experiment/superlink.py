@@ -1,0 +1,227 @@
+"""A private Flower SuperLink for one `flain` command, and the `flwr` calls against it.
+
+`flwr run .` with the built-in `local` connection starts a SuperLink on fixed ports and
+leaves it running; `flwr run --stream` exits 0 even when the run failed. Instead each
+`flain` command starts its own SuperLink on a free port with its own FLWR_HOME, submits
+the run, follows the logs, reads the real final status, and stops every process it
+started (also on Ctrl-C or error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+CONNECTION = "flain"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """A Flower command from this interpreter's environment (or PATH)."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop `proc` and everything it started: SIGTERM, then SIGKILL after `grace` s."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        if not any(_alive(p) for p in pids):
+            break
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class RunFailed(RuntimeError):
+    """The Flower run ended in a state other than finished:completed."""
+
+
+class SuperLink:
+    """One SuperLink process on 127.0.0.1 and a `flwr` CLI configured to reach it."""
+
+    def __init__(self, workdir: Path, simulation: bool = True, extra_args: tuple[str, ...] = ()):
+        self.workdir = workdir
+        self.simulation = simulation
+        self.extra_args = extra_args
+        self.port = free_port()
+        self.home = workdir / "flwr-home"
+        self.log_path = workdir / "superlink.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(self.home),
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        )
+        return env
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
+        )
+        cmd = [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-runtime-dependency-installation", *self.extra_args]
+        if self.simulation:
+            cmd.append("--simulation")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"flower-superlink did not open port {self.port} in {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_tree(self.proc)
+            self.proc = None
+
+    # ---- flwr CLI ---------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Run a `flwr ... --format json` command; its JSON reply."""
+        out = subprocess.run([_bin("flwr"), *args, "--format", "json"], env=self.env(),
+                             capture_output=True, text=True, timeout=timeout)
+        try:
+            reply = json.loads(out.stdout[out.stdout.index("{"):])
+        except ValueError:
+            raise RuntimeError(f"flwr {' '.join(args)} gave no JSON:\n{out.stdout}\n{out.stderr}") from None
+        if not reply.get("success", False):
+            raise RuntimeError(f"flwr {args[0]} failed: {reply.get('error-message', reply)}")
+        return reply
+
+    def submit(self, app: Path, run_config_file: Path, federation_config: dict[str, Any]) -> int:
+        fed = " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())
+        args = ["run", str(app), CONNECTION, "--run-config", str(run_config_file)]
+        if fed:
+            args += ["--federation-config", fed]
+        return int(self.flwr(*args)["run-id"])
+
+    def status(self, run_id: int) -> dict[str, Any]:
+        return self.flwr("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
+
+    def follow(self, run_id: int, on_line: Callable[[str], None], poll: float = 30.0) -> dict[str, Any]:
+        """Stream the run's logs to `on_line` until it finishes; its final status.
+
+        The log stream ends when the run ends. Each `flwr ls` costs a second of CPU
+        (a fresh Python), so the status is polled rarely, as a fallback only."""
+        streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                                    env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
+        reader = threading.Thread(target=_pump, args=(streamer.stdout, on_line), daemon=True)
+        reader.start()
+        try:
+            while True:
+                try:
+                    streamer.wait(timeout=poll)
+                    break
+                except subprocess.TimeoutExpired:
+                    if self.status(run_id)["status"].startswith("finished"):
+                        break
+            reader.join(timeout=5)  # let the last lines through
+            for _ in range(60):  # the status can trail the end of the logs briefly
+                run = self.status(run_id)
+                if run["status"].startswith("finished"):
+                    return run
+                time.sleep(1)
+            return run
+        finally:
+            stop_tree(streamer, grace=2)
+
+
+def _pump(stream: Iterator[str], on_line: Callable[[str], None]) -> None:
+    for line in stream:
+        on_line(line.rstrip("\n"))
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def write_run_config(run_config: dict[str, Any], path: Path) -> Path:
+    """A TOML file for `flwr run --run-config FILE` (no shell quoting to get wrong)."""
+    path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()))
+    return path
+
+
+@contextmanager
+def private_superlink(simulation: bool = True, extra_args: tuple[str, ...] = ()) -> Iterator[SuperLink]:
+    """A started SuperLink in a temporary FLWR_HOME; everything is stopped on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix="flain-"))
+    link = SuperLink(workdir, simulation=simulation, extra_args=extra_args)
+    try:
+        link.start()
+        yield link
+    finally:
+        link.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,86 @@
+"""The paper's networks, one builder per data set (registry: name -> builder).
+
+Every model is an `nn.Sequential` with named layers, so the FLAIN layer tau can be
+named ("fc1") and the network split at it: the body up to tau runs once over the aux
+set, only the head from tau on is re-evaluated during the threshold search.
+
+BatchNorm: clients send the whole `state_dict` (parameters AND buffers), so running
+statistics travel and are averaged like weights; post-training defenses touch only
+tau's weight. The Fashion-MNIST network has no BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def fmnist_cnn(num_classes: int = 10) -> nn.Sequential:
+    """FLAIN paper, FMNIST: 2 conv + 4 FC (28x28x1 -> 9216 -> 256 -> 128 -> 64 -> 10)."""
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 32, 3),
+            relu1=nn.ReLU(),
+            conv2=nn.Conv2d(32, 64, 3),
+            relu2=nn.ReLU(),
+            pool=nn.MaxPool2d(2),
+            drop1=nn.Dropout(0.5),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(9216, 256),  # tau: its inputs are post-ReLU conv features
+            relu3=nn.ReLU(),
+            drop2=nn.Dropout(0.5),
+            fc2=nn.Linear(256, 128),
+            relu4=nn.ReLU(),
+            drop3=nn.Dropout(0.5),
+            fc3=nn.Linear(128, 64),
+            relu5=nn.ReLU(),
+            fc4=nn.Linear(64, num_classes),
+        )
+    )
+
+
+MODELS: dict[str, Callable[[int], nn.Sequential]] = {
+    "fmnist": fmnist_cnn,
+}
+
+
+def build_model(dataset: str, num_classes: int) -> nn.Sequential:
+    """The paper's network for `dataset`."""
+    if dataset not in MODELS:
+        raise KeyError(f"no model for dataset {dataset!r}; known: {sorted(MODELS)}")
+    return MODELS[dataset](num_classes)
+
+
+def first_linear_after_conv(model: nn.Sequential) -> str:
+    """Name of the first Linear layer that follows the last convolution (the paper's tau)."""
+    names = list(model._modules)
+    convs = [i for i, n in enumerate(names) if isinstance(model._modules[n], nn.Conv2d)]
+    start = convs[-1] + 1 if convs else 0
+    for name in names[start:]:
+        if isinstance(model._modules[name], nn.Linear):
+            return name
+    raise ValueError("model has no Linear layer after its convolutions")
+
+
+def resolve_tau(model: nn.Sequential, layer: str) -> str:
+    """The Linear layer named `layer`, or the paper's default for 'auto'."""
+    if layer == "auto":
+        return first_linear_after_conv(model)
+    linears = [n for n, m in model._modules.items() if isinstance(m, nn.Linear)]
+    if layer not in linears:
+        raise ValueError(f"flain-layer={layer!r} is not a Linear layer of the model: choose 'auto' or one of {linears}")
+    return layer
+
+
+def split_at(model: nn.Sequential, layer: str) -> tuple[nn.Sequential, nn.Sequential]:
+    """(body, head): body(x) is the input of Linear `layer`, head(body(x)) == model(x)."""
+    i = list(model._modules).index(resolve_tau(model, layer))
+    return model[:i], model[i:]
+
+
+def pick_device() -> torch.device:
+    """CUDA when this process sees a GPU, else CPU (decided at run time, never fixed)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

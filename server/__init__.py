@@ -1,0 +1,1 @@
+"""Flower ServerApp: training loop wiring, central evaluation, results."""

@@ -1,0 +1,107 @@
+"""ServerApp: federated training with central ACC/ASR evaluation, then post-training
+defenses on the final model, all written to the run directory."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from logging import INFO
+from pathlib import Path
+
+import flwr
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from attacks import TRIGGERS, malicious_clients
+from experiment.config import ExperimentConfig
+from experiment.data import DATASETS, load, split_test, to_float
+from models import build_model, pick_device
+from server.evaluation import Evaluator
+from server.results import RunRecorder, format_table
+from strategies import AGGREGATIONS, POST_DEFENSES
+
+app = ServerApp()
+
+
+def resolve_run_dir(cfg: ExperimentConfig) -> Path:
+    """`run-dir` as given, or runs/<generated name> when empty."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.default_run_name()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = ExperimentConfig.from_run_config(context.run_config)  # bad values stop here
+    spec = DATASETS[cfg.dataset]
+    device = pick_device()
+    torch.manual_seed(cfg.seed)
+
+    run_dir = resolve_run_dir(cfg)
+    recorder = RunRecorder(
+        run_dir,
+        cfg.to_run_config() | {"run-dir": str(run_dir.resolve())},
+        extra={
+            "malicious_clients": sorted(malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed)),
+            "device": str(device),
+            "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+        },
+    )
+    log(INFO, "Run directory: %s", run_dir.resolve())
+    try:
+        _run(grid, cfg, spec, device, recorder)
+    except BaseException as exc:
+        recorder.fail(f"{type(exc).__name__}: {exc}")
+        log(INFO, "Run failed:\n%s", traceback.format_exc())
+        raise
+
+
+def _run(grid: Grid, cfg: ExperimentConfig, spec, device: torch.device, recorder: RunRecorder) -> None:
+    images, labels = load(cfg.dataset, cfg.data_dir, train=False)
+    aux_idx, eval_idx = split_test(len(labels), cfg.aux_size, cfg.seed)
+    aux_x, aux_y = images[aux_idx], labels[aux_idx]
+    trigger = TRIGGERS[cfg.trigger](*spec.shape[1:])
+    evaluator = Evaluator(
+        build_model(cfg.dataset, spec.num_classes).to(device),
+        images[eval_idx], labels[eval_idx], trigger, cfg.source_label, cfg.target_label,
+    )
+    defenses = {name: POST_DEFENSES[name](cfg) for name in cfg.post_defense_names}
+
+    model = build_model(cfg.dataset, spec.num_classes)
+    initial_state = {k: v.clone() for k, v in model.state_dict().items()}
+    recorder.save_model("initial", initial_state)
+
+    clock = {"t": time.perf_counter()}
+
+    def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        seconds = time.perf_counter() - clock["t"]
+        m = evaluator(arrays.to_torch_state_dict())
+        recorder.round(rnd, m["acc"], m["asr"], seconds if rnd else 0.0)
+        log(INFO, "[flain] round %d/%d  acc=%.4f  asr=%.4f  (%.1fs)", rnd, cfg.num_rounds, m["acc"], m["asr"], seconds)
+        clock["t"] = time.perf_counter()
+        return MetricRecord(m)
+
+    def post_training(initial: ArrayRecord, final: ArrayRecord) -> None:
+        final_state = final.to_torch_state_dict()
+        recorder.save_model("final", final_state)
+        trained = build_model(cfg.dataset, spec.num_classes).to(device)
+        trained.load_state_dict(final_state)
+        initial_state = initial.to_torch_state_dict()
+        for name, defense in defenses.items():
+            started = time.perf_counter()
+            state, info = defense.apply(trained, initial_state, to_float(aux_x), aux_y)
+            seconds = time.perf_counter() - started
+            m = evaluator(state)
+            recorder.save_model(name, state)
+            recorder.post_defense(name, {**m, "seconds": seconds, **info})
+            log(INFO, "[flain] post-defense %s: acc=%.4f asr=%.4f (%.1fs) %s", name, m["acc"], m["asr"], seconds, info)
+
+    strategy = AGGREGATIONS[cfg.aggregation](cfg, post_training)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial_state),
+        num_rounds=cfg.num_rounds,
+        evaluate_fn=evaluate,
+    )
+    summary = recorder.finish()
+    log(INFO, "[flain] results\n%s", format_table(summary))

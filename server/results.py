@@ -1,0 +1,103 @@
+"""The run directory: config.json, rounds.csv, models (*.pt), summary.json, plot.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROUNDS_HEADER = ["round", "acc", "asr", "seconds"]
+
+
+class RunRecorder:
+    """Writes one run's artifacts as they happen (a crash still leaves the rounds)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], extra: dict[str, Any]) -> None:
+        self.dir = run_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.rounds: list[dict[str, float]] = []
+        self.summary: dict[str, Any] = {"status": "running", **extra, "post_defenses": {}}
+        (self.dir / "config.json").write_text(json.dumps({**config, **extra}, indent=2) + "\n")
+        with (self.dir / "rounds.csv").open("w", newline="") as f:
+            csv.writer(f).writerow(ROUNDS_HEADER)
+        self._write_summary()
+
+    def round(self, rnd: int, acc: float, asr: float, seconds: float) -> None:
+        row = {"round": rnd, "acc": acc, "asr": asr, "seconds": seconds}
+        self.rounds.append(row)
+        with (self.dir / "rounds.csv").open("a", newline="") as f:
+            csv.writer(f).writerow([rnd, f"{acc:.6f}", f"{asr:.6f}", f"{seconds:.3f}"])
+        self.summary["final"] = {"acc": acc, "asr": asr, "round": rnd}
+        self._write_summary()
+
+    def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
+        path = self.dir / f"{name}.pt"
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+        return path
+
+    def post_defense(self, name: str, result: dict[str, Any]) -> None:
+        self.summary["post_defenses"][name] = result
+        self._write_summary()
+
+    def finish(self) -> dict[str, Any]:
+        self.summary["status"] = "completed"
+        self.summary["seconds_total"] = time.perf_counter() - self.started
+        self._write_summary()
+        plot(self.rounds, self.summary["post_defenses"], self.dir / "plot.png")
+        return self.summary
+
+    def fail(self, error: str) -> None:
+        self.summary.update(status="failed", error=error)
+        self._write_summary()
+
+    def _write_summary(self) -> None:
+        tmp = self.dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
+        tmp.replace(self.dir / "summary.json")  # readers never see half a file
+
+
+def plot(rounds: list[dict[str, float]], defenses: dict[str, dict[str, Any]], path: Path) -> None:
+    """ACC and ASR per round; each post-training defense as a marked point after the last round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r["round"] for r in rounds]
+    ax.plot(xs, [r["acc"] for r in rounds], "-o", color="tab:blue", ms=3, label="ACC")
+    ax.plot(xs, [r["asr"] for r in rounds], "-o", color="tab:red", ms=3, label="ASR")
+    last = xs[-1] if xs else 0
+    markers = "*Ds^vP"
+    for i, (name, res) in enumerate(defenses.items()):
+        x, m = last + 0.5 * (i + 1), markers[i % len(markers)]
+        ax.plot([x], [res["acc"]], m, color="tab:blue", ms=11, mec="k")
+        ax.plot([x], [res["asr"]], m, color="tab:red", ms=11, mec="k")
+        ax.annotate(name, (x, max(res["acc"], res["asr"])), textcoords="offset points",
+                    xytext=(0, 8), ha="center", fontsize=8)
+    ax.set(xlabel="round (markers after the last round: post-training defenses)",
+           ylabel="rate", ylim=(-0.02, 1.05), title="Clean accuracy and attack success rate")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The results table printed by `flain run`."""
+    rows = [("no-Defense", summary["final"]["acc"], summary["final"]["asr"], "")]
+    for name, res in summary.get("post_defenses", {}).items():
+        note = ""
+        if "threshold" in res:
+            note = f"lambda={res['threshold']:.4f} flipped={res['flipped']}/{res.get('inputs', '?')}"
+            note += " (all flipped)" if res.get("exhausted") else ""
+        rows.append((name, res["acc"], res["asr"], note))
+    lines = [f"{'defense':<12} {'ACC':>7} {'ASR':>7}  notes", "-" * 60]
+    lines += [f"{n:<12} {a:7.4f} {s:7.4f}  {note}" for n, a, s, note in rows]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Partitions (flwr-datasets), the aux/eval split, and data errors."""
+
+import numpy as np
+import pytest
+
+import experiment.data as data
+from experiment.data import DataUnavailable, partition_indices, split_test, subsample
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return np.random.default_rng(0).integers(0, 10, size=3000)
+
+
+def test_iid_partition_sizes_and_cover(labels):
+    parts = partition_indices(labels, 7, "iid", 0.5, seed=1)
+    sizes = [len(p) for p in parts]
+    assert sum(sizes) == len(labels) and max(sizes) - min(sizes) <= 1
+    allidx = np.concatenate(parts)
+    assert len(np.unique(allidx)) == len(labels)
+    # IID: every partition sees every class in roughly global proportions
+    for p in parts:
+        share = np.bincount(labels[p], minlength=10) / len(p)
+        assert np.all(np.abs(share - 0.1) < 0.05)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, partition_indices(labels, 7, "iid", 0.5, seed=1)))
+    assert not np.array_equal(parts[0], partition_indices(labels, 7, "iid", 0.5, seed=2)[0])
+
+
+def test_dirichlet_partition_is_skewed_disjoint_cover(labels):
+    parts = partition_indices(labels, 5, "dirichlet", 0.3, seed=4)
+    allidx = np.concatenate(parts)
+    assert len(allidx) == len(np.unique(allidx)) == len(labels)
+    shares = np.stack([np.bincount(labels[p], minlength=10) / len(p) for p in parts])
+    assert shares.max() > 0.3  # some client is dominated by a few classes
+    again = partition_indices(labels, 5, "dirichlet", 0.3, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_split_test_aux_disjoint_from_eval():
+    aux, ev = split_test(10000, 200, seed=3)
+    assert len(aux) == 200 and len(ev) == 9800
+    assert not set(aux) & set(ev)
+    assert sorted(np.concatenate([aux, ev])) == list(range(10000))
+
+
+def test_subsample():
+    idx = np.arange(100, 200)
+    sub = subsample(idx, 0.25, seed=0)
+    assert len(sub) == 25 and set(sub) <= set(idx)
+    assert subsample(idx, 1.0, seed=0) is idx
+
+
+def test_missing_fmnist_gives_instructions(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FMNIST", tmp_path / "no-debian")
+
+    class Offline:
+        def __init__(self, *a, **k):
+            raise OSError("network unreachable")
+
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    with pytest.raises(DataUnavailable) as err:
+        data.fetch("fmnist", tmp_path / "data")
+    msg = str(err.value)
+    assert "apt-get install dataset-fashion-mnist" in msg and "train-images-idx3-ubyte" in msg
+
+
+def test_corrupt_debian_files_are_refused(tmp_path, monkeypatch):
+    import gzip
+
+    deb = tmp_path / "deb"
+    deb.mkdir()
+    for f in data._FMNIST_FILES:
+        with gzip.open(deb / f"{f}.gz", "wb") as out:
+            out.write(b"truncated")
+    monkeypatch.setattr(data, "DEBIAN_FMNIST", deb)
+    with pytest.raises(DataUnavailable, match="corrupt"):
+        data.fetch("fmnist", tmp_path / "data")

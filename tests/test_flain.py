@@ -1,0 +1,134 @@
+"""FLAIN (Algorithm 1): the flip rule, the threshold jumps, and fast search == plain loop."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from strategies.flain import (
+    Flain,
+    flain_search,
+    flain_search_reference,
+    flip_updates,
+    head_accuracy,
+    rescale,
+    tau_inputs,
+    thresholds,
+)
+from models import split_at
+
+
+def test_flip_rule_on_hand_made_layer():
+    # 2 outputs x 3 inputs; columns are input neurons.
+    w0 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    w = torch.tensor([[1.5, 1.0, 3.0], [3.0, 5.5, 8.0]])  # dW = [[.5,-1,0],[-1,.5,2]]
+    flip = torch.tensor([True, False, True])
+    got = flip_updates(w0, w, flip)
+    want = torch.tensor([[0.5, 1.0, 3.0], [5.0, 5.5, 4.0]])  # w0 - dW in cols 0, 2
+    assert torch.equal(got, want)
+    assert torch.equal(flip_updates(w0, w, torch.zeros(3, dtype=torch.bool)), w)
+
+
+def test_rescale_restores_frobenius_norm():
+    w = torch.randn(4, 5)
+    out = rescale(w * 3.0, torch.linalg.matrix_norm(w).item())
+    assert torch.allclose(out, w, atol=1e-6)
+
+
+def test_thresholds_jump_only_where_flipped_set_changes():
+    x = np.array([0.0, 0.0005, 0.0031, 0.0031, 0.01])
+    mu, ks = thresholds(x, 0.001)
+    assert mu == 0.0
+    # k=1 covers 0 and 0.0005; 0.0031 needs k=4 (0.004); 0.01 needs k=10
+    assert ks.tolist() == [1, 4, 10]
+    for k in ks:
+        assert np.all((mu + k * 0.001 >= x) | (mu + (k - 1) * 0.001 < x))
+
+
+def _problem(seed: int, z: int = 40):
+    """A random head (tau = fc, then ReLU + classifier) with cached tau inputs."""
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Sequential(OrderedDict(fc=nn.Linear(z, 16), relu=nn.ReLU(), out=nn.Linear(16, 4)))
+    feats = torch.relu(torch.randn(120, z, generator=g) * torch.rand(z, generator=g) * 2)
+    labels = head(feats).argmax(1)  # the trained model is right on the aux set
+    labels[:10] = torch.randint(0, 4, (10,), generator=g)
+    w = head.fc.weight.detach().clone()
+    w0 = w + 0.5 * torch.randn(w.shape, generator=g)
+    x = feats.mean(0).double().numpy()
+    return x, w0, w, head_accuracy(head, "fc", feats, labels)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rho", [0.0, 0.02, 0.1, 2.0])
+def test_fast_search_equals_plain_loop(seed, rho):
+    x, w0, w, evaluate = _problem(seed)
+    step = 0.003
+    fast = flain_search(x, w0, w, step, rho, evaluate)
+    slow = flain_search_reference(x, w0, w, step, rho, evaluate)
+    assert fast.threshold == slow.threshold
+    assert fast.steps == slow.steps
+    assert fast.flipped == slow.flipped
+    assert fast.exhausted == slow.exhausted
+    assert fast.aux_acc_at_stop == slow.aux_acc_at_stop
+    assert torch.equal(fast.weight, slow.weight)
+    assert fast.evaluations <= slow.evaluations
+    # the stop rule itself
+    drop = fast.aux_acc_before - fast.aux_acc_at_stop
+    assert fast.exhausted or drop >= rho
+    if rho > 1:  # an accuracy drop can never reach 2: stops with everything flipped
+        assert fast.exhausted and fast.flipped == len(x)
+    assert torch.linalg.matrix_norm(fast.weight).item() == pytest.approx(torch.linalg.matrix_norm(w).item(), rel=1e-5)
+
+
+def test_search_returns_first_threshold_reaching_rho():
+    # Accuracy falls by 0.1 for each flipped input: with rho=0.25 the stop is at 3 inputs.
+    x = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    w0, w = torch.zeros(2, 5), torch.ones(2, 5)
+
+    def evaluate(weight):
+        return 1.0 - 0.1 * int((weight < 0).any(0).sum())
+
+    res = flain_search(x, w0, w, 0.01, 0.25, evaluate)
+    assert res.flipped == 3 and res.steps == 20 and res.threshold == pytest.approx(0.3)
+    assert not res.exhausted
+    ref = flain_search_reference(x, w0, w, 0.01, 0.25, evaluate)
+    assert ref.evaluations == 20 and res.evaluations == 3
+
+
+def test_head_evaluation_equals_full_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(1, 3, 3), relu=nn.ReLU(), flat=nn.Flatten(),
+        fc1=nn.Linear(3 * 6 * 6, 10), relu2=nn.ReLU(), fc2=nn.Linear(10, 3))).eval()
+    images = torch.rand(50, 1, 8, 8)
+    body, head = split_at(model, "auto")
+    feats = tau_inputs(body, images)
+    assert torch.allclose(head(feats), model(images))
+    labels = model(images).argmax(1)
+    assert head_accuracy(head, "fc1", feats, labels)(model.fc1.weight.detach().clone()) == 1.0
+
+
+def test_flain_apply_changes_only_tau_weight():
+    torch.manual_seed(1)
+    model = nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(1, 4, 3), relu=nn.ReLU(), flat=nn.Flatten(),
+        fc1=nn.Linear(4 * 6 * 6, 12), relu2=nn.ReLU(), fc2=nn.Linear(12, 3)))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(64, 1, 8, 8)
+    labels = model.eval()(images).argmax(1)
+    state, info = Flain(step=0.001, rho=0.05).apply(model, initial, images, labels)
+    assert info["layer"] == "fc1" and 1 <= info["flipped"] <= 144
+    for k in trained:
+        same = torch.equal(state[k], trained[k])
+        assert same == (k != "fc1.weight"), k
+    assert torch.equal(model.state_dict()["fc1.weight"], trained["fc1.weight"])  # input untouched
+    norm = torch.linalg.matrix_norm
+    assert norm(state["fc1.weight"]).item() == pytest.approx(norm(trained["fc1.weight"]).item(), rel=1e-5)
+    assert info["aux_acc_before"] == 1.0
+    assert info["exhausted"] or info["aux_acc_before"] - info["aux_acc_at_stop"] >= 0.05

@@ -1,0 +1,91 @@
+"""Integration: the real Flower app in simulation (Ray), small real Fashion-MNIST subset.
+
+Needs Fashion-MNIST in the project's data directory (`make setup` puts it there)."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiment.config import PROJECT_ROOT
+
+DATA = PROJECT_ROOT / "data"
+
+
+def _flower_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    keys = ("flower-superlink", "flower-superexec", "flwr-simulation", "ray::", "raylet", "gcs_server")
+    return {int(line.split()[0]) for line in out.splitlines() if any(k in line for k in keys)}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sim") / "small"
+    before = _flower_processes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiment.cli", "run",
+         "--set", "num-clients=3", "--set", "num-rounds=2", "--set", "train-fraction=0.05",
+         "--set", "mcr=0.34", "--set", "post-defenses='flain'",
+         "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
+    )
+    return proc, run_dir, before
+
+
+def test_run_succeeds_and_prints_table(small_run):
+    proc, _, _ = small_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[flain] round 2/2" in proc.stdout
+    assert "no-Defense" in proc.stdout and "flain" in proc.stdout.split("no-Defense")[-1]
+
+
+def test_artifacts(small_run):
+    _, run_dir, _ = small_run
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "rounds.csv", "summary.json", "initial.pt", "final.pt", "flain.pt", "plot.png"} <= names
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num-clients"] == 3 and config["seed"] == 42 and len(config["malicious_clients"]) == 1
+
+    rows = list(csv.DictReader((run_dir / "rounds.csv").open()))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 0.0 <= float(r["acc"]) <= 1.0 and 0.0 <= float(r["asr"]) <= 1.0
+    assert float(rows[2]["acc"]) > float(rows[0]["acc"])  # it learned something
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["final"]["acc"] == pytest.approx(float(rows[-1]["acc"]), abs=1e-6)
+    flain = summary["post_defenses"]["flain"]
+    for key in ("acc", "asr", "seconds", "threshold", "flipped", "aux_acc_before", "aux_acc_after"):
+        assert key in flain, key
+    assert 0 <= flain["acc"] <= 1 and 0 <= flain["asr"] <= 1 and flain["flipped"] >= 1
+
+    initial, final, defended = (torch.load(run_dir / f"{n}.pt") for n in ("initial", "final", "flain"))
+    assert set(initial) == set(final) == set(defended)
+    assert not torch.equal(initial["fc1.weight"], final["fc1.weight"])
+    for k in final:  # FLAIN changes tau's weight only
+        assert torch.equal(final[k], defended[k]) == (k != "fc1.weight"), k
+
+
+def test_no_process_left_behind(small_run):
+    _, _, before = small_run
+    assert _flower_processes() - before == set()
+
+
+def test_failed_run_exits_nonzero(tmp_path, monkeypatch, capsys):
+    """A run that fails inside the ServerApp (a bad value slipped past the CLI) must
+    make `flain run` exit non-zero, unlike `flwr run --stream`."""
+    from experiment import cli
+    from experiment.config import ExperimentConfig
+
+    original = ExperimentConfig.to_run_config
+    monkeypatch.setattr(ExperimentConfig, "to_run_config", lambda self: original(self) | {"mcr": 5.0})
+    code = cli.main(["run", "--set", "num-clients=2", "--set", "num-rounds=1",
+                     "--set", f"run-dir='{tmp_path / 'r'}'", "--set", f"data-dir='{DATA}'"])
+    assert code == 1
+    assert "finished:failed" in capsys.readouterr().err
