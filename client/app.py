@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from client.training import client_data, train_local
 from experiment.config import ExperimentConfig
 from experiment.data import DATASETS
-from models import build_model, pick_device
+from models import build_model, pick_device, resolve_precision
 
 app = ClientApp()
 
@@ -31,10 +31,12 @@ def train(msg: Message, context: Context) -> Message:
 
     model = build_model(cfg.dataset, DATASETS[cfg.dataset].num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.to(pick_device())
+    device = pick_device()
+    model.to(device)
     loss = train_local(
         model, data.images, data.labels, cfg.local_epochs, cfg.batch_size, cfg.lr,
         seed=cfg.seed * 7919 + server_round * 31 + partition_id,
+        precision=resolve_precision(cfg.precision, device),
     )
     metrics = MetricRecord(
         {
@@ -44,5 +46,5 @@ def train(msg: Message, context: Context) -> Message:
             "poisoned": data.poisoned,
         }
     )
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)

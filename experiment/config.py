@@ -48,6 +48,7 @@ class ExperimentConfig:
     flain_layer: str
     aux_size: int
     train_fraction: float
+    precision: str
     seed: int
     data_dir: str
     run_dir: str
@@ -114,12 +115,14 @@ class ExperimentConfig:
         # Imported here: the registries import modules that import this one.
         from attacks import TRIGGERS
         from experiment.data import DATASETS
+        from models import PRECISIONS
         from strategies import AGGREGATIONS, POST_DEFENSES
 
         _choice("dataset", self.dataset, DATASETS)
         _choice("partition", self.partition, ("iid", "dirichlet"))
         _choice("trigger", self.trigger, TRIGGERS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("precision", self.precision, PRECISIONS)
         for name in self.post_defense_names:
             _choice("post-defenses", name, POST_DEFENSES)
         if len(set(self.post_defense_names)) != len(self.post_defense_names):

@@ -13,15 +13,35 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 
+class Standardize(nn.Module):
+    """(x - mean) / std with fixed constants: models take images in [0, 1], and no
+    buffer is added to the state_dict (nothing for FedAvg or a defense to touch)."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"
+
+
 def fmnist_cnn(num_classes: int = 10) -> nn.Sequential:
-    """FLAIN paper, FMNIST: 2 conv + 4 FC (28x28x1 -> 9216 -> 256 -> 128 -> 64 -> 10)."""
+    """FLAIN paper, FMNIST: 2 conv + 4 FC (28x28x1 -> 9216 -> 256 -> 128 -> 64 -> 10).
+
+    Dropout 0.5 after the pooling and after fc1. (A third one after fc2 cost a measured
+    0.02-0.04 ACC after the same number of steps, which a 2-core demo cannot afford.)"""
     return nn.Sequential(
         OrderedDict(
+            std=Standardize(0.2860, 0.3530),  # Fashion-MNIST training-set statistics
             conv1=nn.Conv2d(1, 32, 3),
             relu1=nn.ReLU(),
             conv2=nn.Conv2d(32, 64, 3),
@@ -34,7 +54,6 @@ def fmnist_cnn(num_classes: int = 10) -> nn.Sequential:
             drop2=nn.Dropout(0.5),
             fc2=nn.Linear(256, 128),
             relu4=nn.ReLU(),
-            drop3=nn.Dropout(0.5),
             fc3=nn.Linear(128, 64),
             relu5=nn.ReLU(),
             fc4=nn.Linear(64, num_classes),
@@ -84,3 +103,32 @@ def split_at(model: nn.Sequential, layer: str) -> tuple[nn.Sequential, nn.Sequen
 def pick_device() -> torch.device:
     """CUDA when this process sees a GPU, else CPU (decided at run time, never fixed)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """bf16 matrix units: a CUDA GPU that supports bf16, or a CPU with AMX / AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where the hardware has fast bf16, else 'fp32'."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: choose one of {list(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision for training: bf16 matmuls/convs, fp32 weights and optimizer state
+    (about 4x faster on a CPU with AMX). 'fp32' disables it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -30,6 +30,18 @@ def resolve_run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.default_run_name()
 
 
+def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> None:
+    """Fail clearly, instead of waiting forever, when fewer than num-clients nodes connect."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {connected} nodes connected after {timeout:.0f}s but num-clients={count}: "
+                "start one SuperNode per client (simulation: num-supernodes = num-clients)"
+            )
+        time.sleep(1)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = ExperimentConfig.from_run_config(context.run_config)  # bad values stop here
@@ -96,6 +108,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, spec, device: torch.device, recorder
             recorder.post_defense(name, {**m, "seconds": seconds, **info})
             log(INFO, "[flain] post-defense %s: acc=%.4f asr=%.4f (%.1fs) %s", name, m["acc"], m["asr"], seconds, info)
 
+    wait_for_nodes(grid, cfg.num_clients)
     strategy = AGGREGATIONS[cfg.aggregation](cfg, post_training)
     strategy.start(
         grid=grid,

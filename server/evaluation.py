@@ -13,11 +13,12 @@ from experiment.data import to_float
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    """Predicted labels (on CPU) for uint8 or float images, in eval mode."""
-    model.eval()
+    """Predicted labels (on CPU) for uint8 or float images, in eval mode and full fp32
+    (channels-last: same math, faster convolutions)."""
+    model.eval().to(memory_format=torch.channels_last)
     device = next(model.parameters()).device
     out = [
-        model(to_float(images[i : i + batch]).to(device)).argmax(1).cpu()
+        model(to_float(images[i : i + batch]).to(device, memory_format=torch.channels_last)).argmax(1).cpu()
         for i in range(0, len(images), batch)
     ]
     return torch.cat(out)

@@ -18,7 +18,6 @@ search and the plain loop compare against bit-identical thresholds.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import resolve_tau, split_at
-
-# accuracy on the aux set of the model whose tau weight is the given matrix
-Evaluate = Callable[[torch.Tensor], float]
+from strategies.tau import Evaluate, TauView
 
 
 # ---- pure pieces -------------------------------------------------------------------
@@ -49,7 +45,7 @@ def rescale(w_star: torch.Tensor, norm: float) -> torch.Tensor:
 
 
 def thresholds(x: np.ndarray, step: float) -> tuple[float, np.ndarray]:
-    """(mu, ks): min(x) and the steps k >= 1 at which the flipped set {x <= mu + k*step}
+    """(mu, ks): min(x) and the steps k >= 1 at which the set {x <= mu + k*step}
     changes, ascending. Between two of them the set, hence the model, is the same."""
     mu = float(x.min())
     values = np.unique(x)
@@ -62,6 +58,45 @@ def thresholds(x: np.ndarray, step: float) -> tuple[float, np.ndarray]:
     return mu, np.unique(ks)
 
 
+# ---- the adaptive threshold (shared with the pruning baseline) ----------------------
+@dataclass
+class Stop:
+    steps: int  # k: lambda = min(x) + k * step
+    threshold: float
+    mask: np.ndarray  # x <= lambda: the inputs acted on
+    acc: float  # aux accuracy at the stop
+    exhausted: bool  # every input acted on before the drop reached rho
+    evaluations: int
+
+
+MaskAccuracy = Callable[[np.ndarray], float]
+
+
+def adaptive_threshold_reference(x: np.ndarray, step: float, rho: float, acc0: float, accuracy: MaskAccuracy) -> Stop:
+    """Raise lambda by `step` until acc0 - accuracy(x <= lambda) >= rho (or all are in)."""
+    x = np.asarray(x, dtype=np.float64)
+    mu, k = float(x.min()), 1
+    while True:
+        mask = x <= mu + k * step
+        acc = accuracy(mask)
+        if rho <= acc0 - acc or mask.all():
+            return Stop(k, mu + k * step, mask, acc, not rho <= acc0 - acc, k)
+        k += 1
+
+
+def adaptive_threshold(x: np.ndarray, step: float, rho: float, acc0: float, accuracy: MaskAccuracy) -> Stop:
+    """Same stop as `adaptive_threshold_reference`, evaluating only where the set changes."""
+    x = np.asarray(x, dtype=np.float64)
+    mu, ks = thresholds(x, step)
+    for evaluations, k in enumerate(ks, start=1):
+        mask = x <= mu + k * step
+        acc = accuracy(mask)
+        if rho <= acc0 - acc or mask.all():
+            return Stop(int(k), mu + k * step, mask, acc, not rho <= acc0 - acc, evaluations)
+    raise AssertionError("unreachable: the last threshold takes every input")
+
+
+# ---- FLAIN ---------------------------------------------------------------------------
 @dataclass
 class FlainResult:
     weight: torch.Tensor  # rescaled W*
@@ -74,18 +109,19 @@ class FlainResult:
     evaluations: int  # aux evaluations made by the search
 
 
-def _finish(x, w0, w, mu, k, step, acc0, acc1, rho, evaluations) -> FlainResult:
-    lam = mu + k * step
-    flip = torch.from_numpy(x <= lam)
+def _flain(search, x, w0, w, step, rho, evaluate: Evaluate) -> FlainResult:
+    acc0 = evaluate(w)
+    stop = search(x, step, rho, acc0, lambda mask: evaluate(flip_updates(w0, w, torch.from_numpy(mask))))
+    w_star = flip_updates(w0, w, torch.from_numpy(stop.mask))
     return FlainResult(
-        weight=rescale(flip_updates(w0, w, flip), torch.linalg.matrix_norm(w).item()),
-        threshold=float(lam),
-        steps=int(k),
-        flipped=int(flip.sum()),
+        weight=rescale(w_star, torch.linalg.matrix_norm(w).item()),
+        threshold=float(stop.threshold),
+        steps=stop.steps,
+        flipped=int(stop.mask.sum()),
         aux_acc_before=acc0,
-        aux_acc_at_stop=acc1,
-        exhausted=not (rho <= acc0 - acc1),
-        evaluations=evaluations,
+        aux_acc_at_stop=stop.acc,
+        exhausted=stop.exhausted,
+        evaluations=stop.evaluations,
     )
 
 
@@ -93,16 +129,7 @@ def flain_search_reference(
     x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float, evaluate: Evaluate
 ) -> FlainResult:
     """Algorithm 1 as written: one evaluation per step of lambda (the slow reference)."""
-    x = np.asarray(x, dtype=np.float64)
-    mu, acc0 = float(x.min()), evaluate(w)
-    k, evaluations = 1, 0
-    while True:
-        flip = x <= mu + k * step
-        acc1 = evaluate(flip_updates(w0, w, torch.from_numpy(flip)))
-        evaluations += 1
-        if rho <= acc0 - acc1 or flip.all():
-            return _finish(x, w0, w, mu, k, step, acc0, acc1, rho, evaluations)
-        k += 1
+    return _flain(adaptive_threshold_reference, x, w0, w, step, rho, evaluate)
 
 
 def flain_search(
@@ -111,34 +138,7 @@ def flain_search(
     """Algorithm 1, evaluating only at the lambdas where the flipped set changes.
 
     Same stop, same lambda, same weights as `flain_search_reference`."""
-    x = np.asarray(x, dtype=np.float64)
-    mu, ks = thresholds(x, step)
-    acc0 = evaluate(w)
-    for evaluations, k in enumerate(ks, start=1):
-        flip = x <= mu + k * step
-        acc1 = evaluate(flip_updates(w0, w, torch.from_numpy(flip)))
-        if rho <= acc0 - acc1 or flip.all():
-            return _finish(x, w0, w, mu, k, step, acc0, acc1, rho, evaluations)
-    raise AssertionError("unreachable: the last threshold flips every input")
-
-
-# ---- model wiring ------------------------------------------------------------------
-@torch.no_grad()
-def tau_inputs(body: nn.Module, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """Inputs of tau (post-ReLU features) for every aux image, N x z."""
-    return torch.cat([body(images[i : i + batch]) for i in range(0, len(images), batch)])
-
-
-def head_accuracy(head: nn.Sequential, tau_name: str, features: torch.Tensor, labels: torch.Tensor) -> Evaluate:
-    """Evaluate(W) = accuracy of `head` (tau and after) on cached features with tau.weight = W."""
-    tau: nn.Linear = head._modules[tau_name]  # type: ignore[assignment]
-
-    @torch.no_grad()
-    def evaluate(weight: torch.Tensor) -> float:
-        tau.weight.copy_(weight)
-        return (head(features).argmax(1) == labels).float().mean().item()
-
-    return evaluate
+    return _flain(adaptive_threshold, x, w0, w, step, rho, evaluate)
 
 
 @dataclass(frozen=True)
@@ -160,30 +160,19 @@ class Flain:
         aux_images: torch.Tensor,
         aux_labels: torch.Tensor,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Defend `model` (trained weights loaded, on its device; left untouched).
+        """Defend `model` (trained weights loaded; left untouched).
 
         Returns the defended state_dict and what the search found."""
         started = time.perf_counter()
-        model = copy.deepcopy(model).eval()
-        name = resolve_tau(model, self.layer)
-        body, head = split_at(model, name)
-        device = next(model.parameters()).device
-        features = tau_inputs(body, aux_images.to(device))
-        labels = aux_labels.to(device)
-        w = model._modules[name].weight.detach().clone()
-        w0 = initial_state[f"{name}.weight"].to(device=device, dtype=w.dtype)
-        x = features.mean(0).double().cpu().numpy()
-
-        result = flain_search(x, w0, w, self.step, self.rho, head_accuracy(head, name, features, labels))
-
-        with torch.no_grad():
-            model._modules[name].weight.copy_(result.weight)
-            aux_acc_after = (head(features).argmax(1) == labels).float().mean().item()
+        tau = TauView.of(model, self.layer, aux_images, aux_labels)
+        w0 = initial_state[f"{tau.name}.weight"].to(tau.weight)
+        result = flain_search(tau.activations, w0, tau.weight, self.step, self.rho, tau.evaluate)
+        state, aux_acc_after = tau.state_with(result.weight)
         info = {
-            "layer": name,
+            "layer": tau.name,
             "threshold": result.threshold,
             "flipped": result.flipped,
-            "inputs": int(w.shape[1]),
+            "inputs": int(tau.weight.shape[1]),
             "aux_acc_before": result.aux_acc_before,
             "aux_acc_at_stop": result.aux_acc_at_stop,
             "aux_acc_after": aux_acc_after,
@@ -191,4 +180,4 @@ class Flain:
             "evaluations": result.evaluations,
             "search_seconds": time.perf_counter() - started,
         }
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, info
+        return state, info

@@ -12,11 +12,10 @@ from strategies.flain import (
     flain_search,
     flain_search_reference,
     flip_updates,
-    head_accuracy,
     rescale,
-    tau_inputs,
     thresholds,
 )
+from strategies.tau import head_accuracy, tau_inputs
 from models import split_at
 
 

@@ -1,0 +1,59 @@
+"""Base for aggregation rules that act on client updates (client - global), per tensor.
+
+Flower's `aggregate_train` is not given the arrays the round started from, so
+`configure_train` keeps them. BatchNorm buffers (running mean/var, num_batches_tracked)
+are statistics, not learned by gradient: they are never sign-flipped or masked; float
+buffers get the example-weighted mean (as FedAvg), integer counters the maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+
+def aggregate_buffer(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """clients x ... -> one buffer: weighted mean for floats, max for integer counters."""
+    if np.issubdtype(values.dtype, np.integer):
+        return values.max(axis=0)
+    return np.tensordot(weights / weights.sum(), values, axes=1).astype(values.dtype)
+
+
+class DeltaStrategy(FedAvg):
+    """FedAvg whose parameter aggregation is `global + step(updates, weights)`."""
+
+    def __init__(self, *args, buffer_keys: Iterable[str] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer_keys = frozenset(buffer_keys)
+        self._sent: ArrayRecord | None = None
+
+    def step(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """clients x shape updates, client weights -> the global step (shape)."""
+        raise NotImplementedError
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._sent = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid or self._sent is None:
+            return None, None
+        contents = [msg.content for msg in valid]
+        weights = np.array(
+            [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
+        )
+        records = [next(iter(c.array_records.values())) for c in contents]
+        out: dict[str, Array] = {}
+        for key, sent in self._sent.items():
+            base = sent.numpy()
+            clients = np.stack([r[key].numpy() for r in records])
+            if key in self.buffer_keys:
+                out[key] = Array(aggregate_buffer(clients, weights))
+            else:
+                out[key] = Array((base + self.step(clients - base, weights)).astype(base.dtype))
+        return ArrayRecord(out), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -1,0 +1,42 @@
+"""The paper's FMNIST network, the tau helpers, device and precision choice."""
+
+import pytest
+import torch
+
+from models import autocast, build_model, resolve_precision, resolve_tau, split_at
+
+
+def test_fmnist_cnn_shapes():
+    model = build_model("fmnist", 10).eval()
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_children() if isinstance(m, torch.nn.Linear)]
+    assert linears == [("fc1", 9216, 256), ("fc2", 256, 128), ("fc3", 128, 64), ("fc4", 64, 10)]
+    assert [m.out_channels for m in model if isinstance(m, torch.nn.Conv2d)] == [32, 64]
+    # the fixed standardization adds nothing to the state_dict
+    assert not any(k.startswith("std") for k in model.state_dict())
+
+
+def test_tau_and_split():
+    model = build_model("fmnist", 10).eval()
+    assert resolve_tau(model, "auto") == "fc1"
+    assert resolve_tau(model, "fc3") == "fc3"
+    with pytest.raises(ValueError, match="conv1"):
+        resolve_tau(model, "conv1")
+    body, head = split_at(model, "auto")
+    x = torch.rand(4, 1, 28, 28)
+    feats = body(x)
+    assert feats.shape == (4, 9216) and (feats >= 0).all()  # post-ReLU inputs of tau
+    assert torch.allclose(head(feats), model(x))
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", cpu)
+    with autocast(cpu, "bf16"):
+        assert torch.nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.bfloat16
+    with autocast(cpu, "fp32"):
+        assert torch.nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.float32
