@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.training import client_data, train_local
+from client.training import client_data, input_ranks, train_local
 from experiment.config import ExperimentConfig
 from experiment.data import DATASETS
 from models import build_model, pick_device, resolve_precision
@@ -48,3 +48,19 @@ def train(msg: Message, context: Context) -> Message:
     )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+
+
+@app.query("activation_ranking")
+def activation_ranking(msg: Message, context: Context) -> Message:
+    """Federated pruning (Wu et al. 2020), client side: rank the inputs of layer tau by
+    their mean activation on this client's own data; only the ranks leave the client."""
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    data = client_data(cfg, int(context.node_config["partition-id"]))
+    model = build_model(cfg.dataset, DATASETS[cfg.dataset].num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(pick_device())
+    ranks = input_ranks(model, str(msg.content["config"]["layer"]), data.images)
+    content = RecordDict(
+        {"ranks": ArrayRecord({"ranks": Array(ranks)}), "metrics": MetricRecord({"num-examples": len(data.labels)})}
+    )
+    return Message(content=content, reply_to=msg)

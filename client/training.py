@@ -12,7 +12,7 @@ from torch import nn
 from attacks import TRIGGERS, malicious_clients, poison
 from experiment.config import ExperimentConfig
 from experiment.data import DATASETS, load, partition_indices, subsample, to_float
-from models import autocast
+from models import autocast, split_at
 
 
 @dataclass(frozen=True)
@@ -82,3 +82,18 @@ def train_local(
             seen += len(batch)
         mean_loss = total / max(seen, 1)
     return mean_loss
+
+
+@torch.no_grad()
+def input_ranks(model: nn.Sequential, layer: str, images: torch.Tensor, batch: int = 1000) -> np.ndarray:
+    """Rank (0 = least active) of each input of Linear `layer` by its mean activation."""
+    body, _ = split_at(model.eval(), layer)
+    device = next(model.parameters()).device
+    total = None
+    for i in range(0, len(images), batch):
+        part = body(to_float(images[i : i + batch]).to(device)).sum(0)
+        total = part if total is None else total + part
+    order = torch.argsort(total.cpu(), stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(order))
+    return ranks.numpy().astype(np.int64)

@@ -42,11 +42,21 @@ class ExperimentConfig:
     target_label: int
     trigger: str
     aggregation: str
+    rlr_theta: int
+    rlr_eta: float
+    krum_f: int
+    multikrum_m: int
+    trim_beta: float
+    invariant_threshold: float
+    invariant_beta: float
     post_defenses: str
     flain_step: float
     flain_rho: float
     flain_layer: str
     aux_size: int
+    fedpruning_rate: float
+    fedpruning_extreme: float
+    fedpruning_finetune_rounds: int
     train_fraction: float
     precision: str
     seed: int
@@ -140,6 +150,23 @@ class ExperimentConfig:
         _positive("flain-step", self.flain_step)
         _unit_interval("flain-rho", self.flain_rho, low_open=True)
         _at_least("aux-size", self.aux_size, 1)
+        _positive("rlr-eta", self.rlr_eta)
+        _at_least("rlr-theta", self.rlr_theta, 0)
+        _at_least("krum-f", self.krum_f, -1)
+        if not 0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"trim-beta={self.trim_beta} is not allowed: must satisfy 0 <= value < 0.5")
+        if not 0 <= self.invariant_beta < 0.5:
+            raise ConfigError(f"invariant-beta={self.invariant_beta} is not allowed: must satisfy 0 <= value < 0.5")
+        _unit_interval("invariant-threshold", self.invariant_threshold, low_open=False)
+        if not 0 <= self.fedpruning_rate < 1:
+            raise ConfigError(f"fedpruning-rate={self.fedpruning_rate} is not allowed: 0 (adaptive) or 0 < value < 1")
+        if self.fedpruning_extreme < 0:
+            raise ConfigError(f"fedpruning-extreme={self.fedpruning_extreme} is not allowed: must be >= 0 (0 = off)")
+        _at_least("fedpruning-finetune-rounds", self.fedpruning_finetune_rounds, 0)
+        from strategies.aggregation import check
+
+        if (problem := check(self)) is not None:
+            raise ConfigError(problem)
 
         spec = DATASETS[self.dataset]
         for key, label in (("source-label", self.source_label), ("target-label", self.target_label)):

@@ -21,6 +21,7 @@ from models import build_model, pick_device
 from server.evaluation import Evaluator
 from server.results import RunRecorder, format_table
 from strategies import AGGREGATIONS, POST_DEFENSES
+from strategies.post_training import PostTrainingInput
 
 app = ServerApp()
 
@@ -93,15 +94,19 @@ def _run(grid: Grid, cfg: ExperimentConfig, spec, device: torch.device, recorder
         clock["t"] = time.perf_counter()
         return MetricRecord(m)
 
-    def post_training(initial: ArrayRecord, final: ArrayRecord) -> None:
+    def post_training(grid: Grid, initial: ArrayRecord, final: ArrayRecord) -> None:
         final_state = final.to_torch_state_dict()
         recorder.save_model("final", final_state)
         trained = build_model(cfg.dataset, spec.num_classes).to(device)
         trained.load_state_dict(final_state)
-        initial_state = initial.to_torch_state_dict()
-        for name, defense in defenses.items():
+        inp = PostTrainingInput(
+            model=trained, initial_state=initial.to_torch_state_dict(),
+            aux_images=to_float(aux_x), aux_labels=aux_y,
+            grid=grid, strategy=strategy, last_round=cfg.num_rounds,
+        )
+        for name, defense in defenses.items():  # side by side, each on the same final model
             started = time.perf_counter()
-            state, info = defense.apply(trained, initial_state, to_float(aux_x), aux_y)
+            state, info = defense.apply(inp)
             seconds = time.perf_counter() - started
             m = evaluator(state)
             recorder.save_model(name, state)
@@ -109,7 +114,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, spec, device: torch.device, recorder
             log(INFO, "[flain] post-defense %s: acc=%.4f asr=%.4f (%.1fs) %s", name, m["acc"], m["asr"], seconds, info)
 
     wait_for_nodes(grid, cfg.num_clients)
-    strategy = AGGREGATIONS[cfg.aggregation](cfg, post_training)
+    # BatchNorm buffers are statistics, not learned: update-based rules must not flip them
+    buffers = frozenset(name for name, _ in model.named_buffers())
+    strategy = AGGREGATIONS[cfg.aggregation](cfg, post_training, buffers)
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial_state),

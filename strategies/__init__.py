@@ -5,11 +5,16 @@ from collections.abc import Callable
 from typing import Any
 
 from strategies.aggregation import AGGREGATIONS
+from strategies.fedpruning import FedPruning
 from strategies.flain import Flain
+from strategies.post_training import PostTrainingDefense
+from strategies.pruning import Pruning
 
-# name -> builder(cfg) of an object with .apply(model, initial_state, aux_x, aux_y)
-POST_DEFENSES: dict[str, Callable[[Any], Any]] = {
+# name -> builder(cfg) of a defense with .apply(PostTrainingInput) -> (state_dict, info)
+POST_DEFENSES: dict[str, Callable[[Any], PostTrainingDefense]] = {
     "flain": Flain.from_config,
+    "pruning": Pruning.from_config,
+    "fedpruning": FedPruning.from_config,
 }
 
 __all__ = ["AGGREGATIONS", "POST_DEFENSES"]

@@ -53,7 +53,7 @@ class DeltaStrategy(FedAvg):
             base = sent.numpy()
             clients = np.stack([r[key].numpy() for r in records])
             if key in self.buffer_keys:
-                out[key] = Array(aggregate_buffer(clients, weights))
+                out[key] = Array(np.asarray(aggregate_buffer(clients, weights)))
             else:
-                out[key] = Array((base + self.step(clients - base, weights)).astype(base.dtype))
+                out[key] = Array(np.asarray(base + self.step(clients - base, weights), dtype=base.dtype))
         return ArrayRecord(out), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from strategies.post_training import PostTrainingInput
 from strategies.tau import Evaluate, TauView
 
 
@@ -153,19 +153,13 @@ class Flain:
     def from_config(cls, cfg: Any) -> Flain:
         return cls(step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer)
 
-    def apply(
-        self,
-        model: nn.Sequential,
-        initial_state: dict[str, torch.Tensor],
-        aux_images: torch.Tensor,
-        aux_labels: torch.Tensor,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Defend `model` (trained weights loaded; left untouched).
 
         Returns the defended state_dict and what the search found."""
         started = time.perf_counter()
-        tau = TauView.of(model, self.layer, aux_images, aux_labels)
-        w0 = initial_state[f"{tau.name}.weight"].to(tau.weight)
+        tau = TauView.of(inp.model, self.layer, inp.aux_images, inp.aux_labels)
+        w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
         result = flain_search(tau.activations, w0, tau.weight, self.step, self.rho, tau.evaluate)
         state, aux_acc_after = tau.state_with(result.weight)
         info = {

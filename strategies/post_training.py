@@ -5,13 +5,35 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from torch import nn
 
-PostTrainingHook = Callable[[ArrayRecord, ArrayRecord], None]
+# hook(grid, initial global arrays, final global arrays), run after the last round
+PostTrainingHook = Callable[[Grid, ArrayRecord, ArrayRecord], None]
+
+
+@dataclass
+class PostTrainingInput:
+    """What a post-training defense may use."""
+
+    model: nn.Sequential  # the trained global model (left untouched by defenses)
+    initial_state: dict[str, torch.Tensor]  # global weights before round 1 (W0)
+    aux_images: torch.Tensor  # the server's clean auxiliary set, float in [0, 1]
+    aux_labels: torch.Tensor
+    grid: Grid | None = None  # for defenses that talk to the clients (fedpruning)
+    strategy: Strategy | None = None  # the training strategy (to fine-tune with)
+    last_round: int = 0
+
+
+class PostTrainingDefense(Protocol):
+    def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(defended state_dict, what it did: threshold, counts, ...)."""
 
 
 class TrainingProducedNoModel(RuntimeError):
@@ -34,7 +56,7 @@ def with_post_training(base: type[Strategy]) -> type[Strategy]:
             if not result.arrays:
                 raise TrainingProducedNoModel("no round produced an aggregated model: every client failed")
             if self.post_training is not None:
-                self.post_training(self.initial_arrays, result.arrays)
+                self.post_training(grid, self.initial_arrays, result.arrays)
             return result
 
     PostTraining.__name__ = PostTraining.__qualname__ = f"PostTraining{base.__name__}"

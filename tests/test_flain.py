@@ -17,6 +17,7 @@ from strategies.flain import (
 )
 from strategies.tau import head_accuracy, tau_inputs
 from models import split_at
+from strategies.post_training import PostTrainingInput
 
 
 def test_flip_rule_on_hand_made_layer():
@@ -121,7 +122,7 @@ def test_flain_apply_changes_only_tau_weight():
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(64, 1, 8, 8)
     labels = model.eval()(images).argmax(1)
-    state, info = Flain(step=0.001, rho=0.05).apply(model, initial, images, labels)
+    state, info = Flain(step=0.001, rho=0.05).apply(PostTrainingInput(model, initial, images, labels))
     assert info["layer"] == "fc1" and 1 <= info["flipped"] <= 144
     for k in trained:
         same = torch.equal(state[k], trained[k])

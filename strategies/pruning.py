@@ -1,0 +1,57 @@
+"""Pruning baseline of the FLAIN paper's comparisons.
+
+Low-activation pruning after Liu, Dolan-Gavitt, Garg, "Fine-Pruning" (RAID 2018), applied
+as in Ding et al. (FLAIN) to the same layer tau: rank tau's inputs by mean activation on
+the server's clean aux set and zero the weight columns of the lowest ones, raising the
+threshold with FLAIN's adaptive stop rule (stop when the aux-accuracy drop reaches rho).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from strategies.flain import adaptive_threshold
+from strategies.post_training import PostTrainingInput
+from strategies.tau import TauView
+
+
+def prune_columns(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """W with the columns (inputs) in `mask` set to zero."""
+    return w.masked_fill(mask.unsqueeze(0), 0.0)
+
+
+@dataclass(frozen=True)
+class Pruning:
+    step: float = 0.001
+    rho: float = 0.02
+    layer: str = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Pruning:
+        # the paper compares on the same layer with the same stop rule as FLAIN
+        return cls(step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer)
+
+    def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        started = time.perf_counter()
+        tau = TauView.of(inp.model, self.layer, inp.aux_images, inp.aux_labels)
+        acc0 = tau.evaluate(tau.weight)
+        stop = adaptive_threshold(
+            tau.activations, self.step, self.rho, acc0,
+            lambda mask: tau.evaluate(prune_columns(tau.weight, torch.from_numpy(mask))),
+        )
+        state, acc_after = tau.state_with(prune_columns(tau.weight, torch.from_numpy(stop.mask)))
+        return state, {
+            "layer": tau.name,
+            "threshold": float(stop.threshold),
+            "pruned": int(stop.mask.sum()),
+            "inputs": int(tau.weight.shape[1]),
+            "aux_acc_before": acc0,
+            "aux_acc_after": acc_after,
+            "exhausted": stop.exhausted,
+            "evaluations": stop.evaluations,
+            "search_seconds": time.perf_counter() - started,
+        }

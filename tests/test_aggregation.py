@@ -1,0 +1,97 @@
+"""Pure aggregation functions on small hand-made arrays with known answers."""
+
+import numpy as np
+import pytest
+
+from experiment.config import ConfigError, ExperimentConfig
+from strategies.delta import aggregate_buffer
+from strategies.fedpruning import aggregate_ranks, clip_extremes
+from strategies.invariant import invariant_step, sign_agreement_mask
+from strategies.pruning import prune_columns
+from strategies.rlr import default_theta, rlr_step, robust_learning_rate
+
+# 3 clients x 4 coordinates
+U = np.array([
+    [0.3, 0.2, -0.1, 0.0],
+    [0.1, -0.4, -0.2, 0.5],
+    [0.2, 0.1, -0.3, 0.5],
+])
+
+
+def test_rlr_sign_agreement_sets_learning_rate_sign():
+    # |sum sign| per coordinate: 3, 1, 3, 2
+    assert robust_learning_rate(U, theta=2, eta=1.0).tolist() == [1.0, -1.0, 1.0, 1.0]
+    assert robust_learning_rate(U, theta=3, eta=0.5).tolist() == [0.5, -0.5, 0.5, -0.5]
+
+
+def test_rlr_step_is_lr_times_weighted_mean():
+    w = np.array([1.0, 1.0, 2.0])
+    mean = (U[0] + U[1] + 2 * U[2]) / 4
+    np.testing.assert_allclose(rlr_step(U, w, theta=2, eta=1.0), mean * np.array([1, -1, 1, 1]))
+    # theta above every agreement: every coordinate moves against the mean (sign flip)
+    np.testing.assert_allclose(rlr_step(U, w, theta=4, eta=1.0), -mean)
+
+
+def test_rlr_default_theta_scales_with_clients():
+    assert default_theta(10) == 4 and default_theta(20) == 8 and default_theta(1) == 1
+
+
+def test_invariant_mask_and_step():
+    updates = np.array([[1.0, 1.0, 2.0], [1.0, -1.0, 3.0], [1.0, 1.0, -1.0], [1.0, -1.0, 4.0], [-1.0, 1.0, 5.0]])
+    # mean signs: 0.6, 0.2, 0.6
+    assert sign_agreement_mask(updates, 0.6).tolist() == [True, False, True]
+    step = invariant_step(updates, threshold=0.6, beta=0.2)  # cut 1 of 5 at each end
+    assert step[1] == 0.0  # masked coordinates do not move
+    assert step[0] == pytest.approx(1.0)
+    assert step[2] == pytest.approx((2 + 3 + 4) / 3)
+
+
+def test_bn_buffers_averaged_or_maxed_never_flipped():
+    floats = np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32)
+    np.testing.assert_allclose(aggregate_buffer(floats, np.array([1.0, 3.0])), [2.5, 5.0])
+    counts = np.array([5, 7], dtype=np.int64)
+    assert aggregate_buffer(counts, np.array([1.0, 1.0])) == 7
+
+
+def test_pruning_zeros_columns():
+    import torch
+
+    w = torch.arange(6.0).reshape(2, 3) + 1
+    out = prune_columns(w, torch.tensor([False, True, False]))
+    assert out.tolist() == [[1.0, 0.0, 3.0], [4.0, 0.0, 6.0]]
+
+
+def test_fedpruning_rank_aggregation_and_extremes():
+    import torch
+
+    ranks = np.array([[0, 1, 2], [2, 1, 0], [0, 2, 1]])
+    np.testing.assert_allclose(aggregate_ranks(ranks, np.array([1.0, 1.0, 2.0])), [0.5, 1.5, 1.0])
+    w = torch.zeros(4, 5)
+    w[0, 0] = 100.0  # one extreme weight
+    pruned = torch.tensor([False, False, False, False, True])
+    out, clipped = clip_extremes(w, pruned, k=2.0)
+    assert clipped == 1 and 0 < out[0, 0] < 100.0
+    assert torch.equal(out[1:], w[1:])
+
+
+@pytest.mark.parametrize(
+    "changes,fragment",
+    [
+        ({"aggregation": "rlr", "rlr_theta": 11}, "rlr-theta=11"),
+        ({"aggregation": "krum", "krum_f": 8}, "krum needs"),
+        ({"aggregation": "bulyan"}, "bulyan needs"),
+        ({"aggregation": "multikrum", "multikrum_m": 20}, "multikrum-m=20"),
+        ({"trim_beta": 0.5}, "trim-beta=0.5"),
+        ({"post_defenses": "flain,prune"}, "post-defenses='prune'"),
+    ],
+)
+def test_impossible_rule_settings_fail_before_training(changes, fragment):
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.defaults(**changes)
+    assert fragment in str(err.value)
+
+
+def test_possible_rule_settings_validate():
+    for agg in ("fedavg", "rlr", "krum", "multikrum", "trimmed-mean", "median", "invariant"):
+        ExperimentConfig.defaults(aggregation=agg)
+    ExperimentConfig.defaults(aggregation="bulyan", krum_f=1)

@@ -1,0 +1,87 @@
+"""Every aggregation rule, built from the registry, aggregating real Flower replies.
+
+(The whole loop over a real simulation is in test_simulation.py.)"""
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from experiment.config import ExperimentConfig
+from strategies import AGGREGATIONS
+
+N = 7  # enough clients for Bulyan with krum-f=1 (n >= 4f + 3)
+
+
+class NodesOnly(Grid):
+    """The part of a Grid that configure_train uses: the connected node ids."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(range(1, N + 1))
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *a, **k):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _state(w: np.ndarray, mean: float, count: int) -> ArrayRecord:
+    return ArrayRecord({
+        "fc.weight": Array(w.astype(np.float32)),
+        "bn.running_mean": Array(np.full(2, mean, dtype=np.float32)),
+        "bn.num_batches_tracked": Array(np.array(count, dtype=np.int64)),
+    })
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATIONS))
+def test_rule_aggregates_replies(name):
+    cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name, krum_f=1, multikrum_m=3, invariant_beta=0.2)
+    buffers = frozenset({"bn.running_mean", "bn.num_batches_tracked"})
+    strategy = AGGREGATIONS[name](cfg, None, buffers)
+    start = np.zeros((2, 3))
+    sent = list(strategy.configure_train(1, _state(start, 0.0, 0), ConfigRecord(), NodesOnly()))
+    assert len(sent) == N  # every client, every round
+    rng = np.random.default_rng(0)
+    replies = []
+    for i, msg in enumerate(sent):
+        w = 1.0 + 0.1 * rng.standard_normal((2, 3))  # honest clients agree: about +1
+        if i == 0:
+            w = -50.0 * np.ones((2, 3))  # one outlier
+        content = RecordDict({"arrays": _state(w, float(i), 10 + i), "metrics": MetricRecord({"num-examples": 100})})
+        replies.append(Message(content=content, reply_to=msg))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    w = arrays["fc.weight"].numpy()
+    assert w.shape == (2, 3) and np.all(np.isfinite(w))
+    if name == "fedavg":
+        assert np.all(w < 0)  # the outlier drags the plain mean below zero
+    elif name == "rlr":
+        # 6 of 7 signs agree (|sum sign| = 5 >= theta 3): +mean step, still dragged by the outlier
+        assert np.allclose(w, np.mean([r.content["arrays"]["fc.weight"].numpy() for r in replies], axis=0))
+    else:
+        assert np.all(w > 0.5), name  # robust rules resist the single outlier
+    if name in ("rlr", "invariant"):  # update-based rules keep BN statistics out of the rule
+        assert np.allclose(arrays["bn.running_mean"].numpy(), np.mean(range(N)))
+        assert arrays["bn.num_batches_tracked"].numpy() == 10 + N - 1
+    assert set(arrays) == {"fc.weight", "bn.running_mean", "bn.num_batches_tracked"}
