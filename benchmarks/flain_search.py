@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(0)
-    model = build_model("fmnist", 10)
+    model = build_model("fmnist")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     if args.model:
         model.load_state_dict(torch.load(args.model))

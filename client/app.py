@@ -8,7 +8,6 @@ from flwr.clientapp import ClientApp
 
 from client.training import client_data, input_ranks, train_local
 from experiment.config import ExperimentConfig
-from experiment.data import DATASETS
 from models import build_model, pick_device, resolve_precision
 
 app = ClientApp()
@@ -29,7 +28,7 @@ def train(msg: Message, context: Context) -> Message:
     # Each (seed, round, client) draws its own batches and dropout masks.
     torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1009 + partition_id)
 
-    model = build_model(cfg.dataset, DATASETS[cfg.dataset].num_classes)
+    model = build_model(cfg.dataset)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     device = pick_device()
     model.to(device)
@@ -56,7 +55,7 @@ def activation_ranking(msg: Message, context: Context) -> Message:
     their mean activation on this client's own data; only the ranks leave the client."""
     cfg = ExperimentConfig.from_run_config(context.run_config)
     data = client_data(cfg, int(context.node_config["partition-id"]))
-    model = build_model(cfg.dataset, DATASETS[cfg.dataset].num_classes)
+    model = build_model(cfg.dataset)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(pick_device())
     ranks = input_ranks(model, str(msg.content["config"]["layer"]), data.images)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks import TRIGGERS, malicious_clients, poison
+from attacks import malicious_clients, poison, trigger_scheme
 from experiment.config import ExperimentConfig
 from experiment.data import DATASETS, load, partition_indices, subsample, to_float
 from models import autocast, split_at
@@ -38,10 +38,11 @@ def client_data(cfg: ExperimentConfig, partition_id: int) -> ClientData:
     parts = _partitions(cfg.dataset, cfg.data_dir, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed)
     idx = torch.from_numpy(subsample(parts[partition_id], cfg.train_fraction, cfg.seed + partition_id))
     x, y = images[idx], labels[idx]
-    malicious = partition_id in malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed)
+    attackers = sorted(malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed))
+    malicious = partition_id in attackers
     poisoned = 0
-    if malicious:
-        trigger = TRIGGERS[cfg.trigger](*DATASETS[cfg.dataset].shape[1:])
+    if malicious:  # DBA: the k-th attacker stamps part k of the pattern
+        trigger = trigger_scheme(cfg, *DATASETS[cfg.dataset].shape[1:]).for_client(attackers.index(partition_id))
         x, y, poisoned = poison(x, y, trigger, cfg.source_label, cfg.target_label, cfg.pdr, cfg.seed + partition_id)
     return ClientData(x, y, malicious, poisoned)
 

@@ -2,6 +2,7 @@
 
   flain run [--set key=value ...] [--name NAME] [--gpu] [--verbose] [--dry-run]
   flain data fetch NAME [--data-dir DIR]
+  flain triggers [--dataset NAME] [--out FILE.png]
 
 `flain run` validates the configuration, prepares the data, runs the Flower app as a
 simulation on a private SuperLink, shows progress per round, prints the results table
@@ -116,6 +117,28 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_triggers(args: argparse.Namespace) -> int:
+    """Draw a clean test image of the data set, each trigger and each DBA part."""
+    import torch
+
+    from attacks.gallery import draw
+    from experiment.data import load
+
+    if args.dataset not in DATASETS:
+        print(f"flain: unknown data set {args.dataset!r}; choose one of {sorted(DATASETS)}", file=sys.stderr)
+        return 2
+    spec = DATASETS[args.dataset]
+    try:
+        images, labels = load(args.dataset, str(Path(args.data_dir).resolve()), False)
+        image, title = images[0], f"{args.dataset}: test image 0 (label {int(labels[0])})"
+    except DataUnavailable:  # still show the geometry, on a mid-grey image
+        image = torch.full(spec.shape, 96, dtype=torch.uint8)
+        title = f"{args.dataset} (data set not available: patterns on a grey image)"
+    out = draw(image, title, Path(args.out))
+    print(f"flain: wrote {out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +160,12 @@ def parser() -> argparse.ArgumentParser:
     fetch_p.add_argument("name", help=f"one of {sorted(DATASETS)}")
     fetch_p.add_argument("--data-dir", default=default_run_config()["data-dir"])
     fetch_p.set_defaults(func=cmd_data_fetch)
+
+    trig = sub.add_parser("triggers", help="draw the clean image, each trigger and each DBA part")
+    trig.add_argument("--dataset", default="fmnist", help=f"one of {sorted(DATASETS)}")
+    trig.add_argument("--data-dir", default=default_run_config()["data-dir"])
+    trig.add_argument("--out", default="triggers.png", help="PNG file to write")
+    trig.set_defaults(func=cmd_triggers)
     return p
 
 

@@ -41,6 +41,10 @@ class ExperimentConfig:
     source_label: int
     target_label: int
     trigger: str
+    trigger_pixels: int
+    trigger_value: float
+    trigger_corner: str
+    trigger_margin: int
     aggregation: str
     rlr_theta: int
     rlr_eta: float
@@ -81,6 +85,10 @@ class ExperimentConfig:
         for name, field in fields.items():
             key = name.replace("_", "-")
             values[name] = _coerce(key, run_config[key], field.type)
+        from experiment.data import DATASETS
+
+        if values["aux_size"] == 0 and values["dataset"] in DATASETS:  # 0: the paper's size
+            values["aux_size"] = DATASETS[values["dataset"]].aux_size
         config = cls(**values)
         config.validate()
         return config
@@ -123,7 +131,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key, its value and what is allowed."""
         # Imported here: the registries import modules that import this one.
-        from attacks import TRIGGERS
+        from attacks import CORNERS, PIXEL_COUNTS, TRIGGERS
         from experiment.data import DATASETS
         from models import PRECISIONS
         from strategies import AGGREGATIONS, POST_DEFENSES
@@ -131,6 +139,13 @@ class ExperimentConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("partition", self.partition, ("iid", "dirichlet"))
         _choice("trigger", self.trigger, TRIGGERS)
+        _choice("trigger-corner", self.trigger_corner, CORNERS)
+        if self.trigger_pixels not in (0, *PIXEL_COUNTS):
+            raise ConfigError(f"trigger-pixels={self.trigger_pixels} is not allowed: 0 (the default pattern) or one of {list(PIXEL_COUNTS)}")
+        if self.trigger_pixels and self.trigger != "cba":
+            raise ConfigError(f"trigger-pixels={self.trigger_pixels} applies to trigger='cba' only, not {self.trigger!r}")
+        _unit_interval("trigger-value", self.trigger_value, low_open=True)
+        _at_least("trigger-margin", self.trigger_margin, 0)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("precision", self.precision, PRECISIONS)
         for name in self.post_defense_names:
@@ -180,6 +195,12 @@ class ExperimentConfig:
                 f"source-label={self.source_label} equals target-label={self.target_label}; "
                 "the backdoor must change the label"
             )
+        from attacks import trigger_scheme
+
+        try:
+            trigger_scheme(self, *spec.shape[1:])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.aux_size >= spec.test_size:
             raise ConfigError(
                 f"aux-size={self.aux_size} leaves no test images: must be < {spec.test_size}"
@@ -187,7 +208,7 @@ class ExperimentConfig:
         from models import build_model, resolve_tau
 
         try:
-            resolve_tau(build_model(self.dataset, spec.num_classes), self.flain_layer)
+            resolve_tau(build_model(self.dataset), self.flain_layer)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if not self.data_dir:

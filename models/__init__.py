@@ -20,28 +20,30 @@ from torch import nn
 
 
 class Standardize(nn.Module):
-    """(x - mean) / std with fixed constants: models take images in [0, 1], and no
-    buffer is added to the state_dict (nothing for FedAvg or a defense to touch)."""
+    """(x - mean) / std per channel with fixed constants: models take images in [0, 1].
+    The constants are non-persistent buffers: they follow .to(device) but are not in the
+    state_dict (nothing for FedAvg or a defense to touch)."""
 
-    def __init__(self, mean: float, std: float) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
-        self.mean, self.std = mean, std
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
-    def extra_repr(self) -> str:
-        return f"mean={self.mean}, std={self.std}"
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean, std
 
 
-def fmnist_cnn(num_classes: int = 10) -> nn.Sequential:
+def fmnist_cnn(num_classes: int, stats: Stats) -> nn.Sequential:
     """FLAIN paper, FMNIST: 2 conv + 4 FC (28x28x1 -> 9216 -> 256 -> 128 -> 64 -> 10).
 
     Dropout 0.5 after the pooling and after fc1. (A third one after fc2 cost a measured
     0.02-0.04 ACC after the same number of steps, which a 2-core demo cannot afford.)"""
     return nn.Sequential(
         OrderedDict(
-            std=Standardize(0.2860, 0.3530),  # Fashion-MNIST training-set statistics
+            std=Standardize(*stats),
             conv1=nn.Conv2d(1, 32, 3),
             relu1=nn.ReLU(),
             conv2=nn.Conv2d(32, 64, 3),
@@ -61,16 +63,73 @@ def fmnist_cnn(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-MODELS: dict[str, Callable[[int], nn.Sequential]] = {
+def mnist_cnn(num_classes: int, stats: Stats) -> nn.Sequential:
+    """FLAIN paper, MNIST and EMNIST: 2 conv + 2 FC (28x28x1 -> 3136 -> 128 -> classes)."""
+    return nn.Sequential(
+        OrderedDict(
+            std=Standardize(*stats),
+            conv1=nn.Conv2d(1, 32, 3, padding=1),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(32, 64, 3, padding=1),
+            relu2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2),
+            drop1=nn.Dropout(0.5),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(3136, 128),  # tau
+            relu3=nn.ReLU(),
+            drop2=nn.Dropout(0.5),
+            fc2=nn.Linear(128, num_classes),
+        )
+    )
+
+
+def _conv_bn(cin: int, cout: int) -> list[tuple[str, nn.Module]]:
+    return [("conv", nn.Conv2d(cin, cout, 3, padding=1)), ("bn", nn.BatchNorm2d(cout)), ("relu", nn.ReLU())]
+
+
+def cifar_cnn(num_classes: int, stats: Stats) -> nn.Sequential:
+    """FLAIN paper, CIFAR-10: 6 conv with BatchNorm + 3 FC
+    (64, 128, pool, 256, 256, pool, 256, 256, pool; dropout; 4096 -> 1024 -> 512 -> 10)."""
+    layers: list[tuple[str, nn.Module]] = [("std", Standardize(*stats))]
+    widths = [(3, 64), (64, 128), "pool", (128, 256), (256, 256), "pool", (256, 256), (256, 256), "pool"]
+    conv, pool = 0, 0
+    for item in widths:
+        if item == "pool":
+            pool += 1
+            layers.append((f"pool{pool}", nn.MaxPool2d(2)))
+            continue
+        conv += 1
+        layers += [(f"{kind}{conv}", module) for kind, module in _conv_bn(*item)]
+    layers += [
+        ("drop1", nn.Dropout(0.5)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(4096, 1024)),  # tau
+        ("relu_fc1", nn.ReLU()),
+        ("drop2", nn.Dropout(0.5)),
+        ("fc2", nn.Linear(1024, 512)),
+        ("relu_fc2", nn.ReLU()),
+        ("fc3", nn.Linear(512, num_classes)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
+
+
+MODELS: dict[str, Callable[[int, Stats], nn.Sequential]] = {
+    "mnist": mnist_cnn,
     "fmnist": fmnist_cnn,
+    "emnist": mnist_cnn,
+    "cifar10": cifar_cnn,
 }
 
 
-def build_model(dataset: str, num_classes: int) -> nn.Sequential:
-    """The paper's network for `dataset`."""
+def build_model(dataset: str) -> nn.Sequential:
+    """The paper's network for `dataset`, standardizing with its statistics."""
+    from experiment.data import DATASETS
+
     if dataset not in MODELS:
         raise KeyError(f"no model for dataset {dataset!r}; known: {sorted(MODELS)}")
-    return MODELS[dataset](num_classes)
+    spec = DATASETS[dataset]
+    return MODELS[dataset](spec.num_classes, (spec.mean, spec.std))
 
 
 def first_linear_after_conv(model: nn.Sequential) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import flwr
@@ -14,9 +14,9 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from attacks import TRIGGERS, malicious_clients
+from attacks import malicious_clients, trigger_scheme
 from experiment.config import ExperimentConfig
-from experiment.data import DATASETS, load, split_test, to_float
+from experiment.data import DATASETS, DatasetSpec, load, split_test, to_float
 from models import build_model, pick_device
 from server.evaluation import Evaluator
 from server.results import RunRecorder, format_table
@@ -48,7 +48,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg = ExperimentConfig.from_run_config(context.run_config)  # bad values stop here
     spec = DATASETS[cfg.dataset]
     device = pick_device()
-    torch.manual_seed(cfg.seed)
 
     run_dir = resolve_run_dir(cfg)
     recorder = RunRecorder(
@@ -69,18 +68,19 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-def _run(grid: Grid, cfg: ExperimentConfig, spec, device: torch.device, recorder: RunRecorder) -> None:
+def _run(grid: Grid, cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, recorder: RunRecorder) -> None:
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
     aux_idx, eval_idx = split_test(len(labels), cfg.aux_size, cfg.seed)
     aux_x, aux_y = images[aux_idx], labels[aux_idx]
-    trigger = TRIGGERS[cfg.trigger](*spec.shape[1:])
-    evaluator = Evaluator(
-        build_model(cfg.dataset, spec.num_classes).to(device),
-        images[eval_idx], labels[eval_idx], trigger, cfg.source_label, cfg.target_label,
+    evaluator = Evaluator(  # ASR always with the whole pattern (DBA: all parts together)
+        build_model(cfg.dataset).to(device),
+        images[eval_idx], labels[eval_idx], trigger_scheme(cfg, *spec.shape[1:]).full,
+        cfg.source_label, cfg.target_label,
     )
     defenses = {name: POST_DEFENSES[name](cfg) for name in cfg.post_defense_names}
 
-    model = build_model(cfg.dataset, spec.num_classes)
+    torch.manual_seed(cfg.seed)  # the initial global model depends on the seed only
+    model = build_model(cfg.dataset)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     recorder.save_model("initial", initial_state)
 
@@ -97,7 +97,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, spec, device: torch.device, recorder
     def post_training(grid: Grid, initial: ArrayRecord, final: ArrayRecord) -> None:
         final_state = final.to_torch_state_dict()
         recorder.save_model("final", final_state)
-        trained = build_model(cfg.dataset, spec.num_classes).to(device)
+        trained = build_model(cfg.dataset).to(device)
         trained.load_state_dict(final_state)
         inp = PostTrainingInput(
             model=trained, initial_state=initial.to_torch_state_dict(),
@@ -106,7 +106,12 @@ def _run(grid: Grid, cfg: ExperimentConfig, spec, device: torch.device, recorder
         )
         for name, defense in defenses.items():  # side by side, each on the same final model
             started = time.perf_counter()
-            state, info = defense.apply(inp)
+            try:
+                state, info = defense.apply(inp)
+            except Exception as exc:  # one broken defense must not cost the others
+                log(ERROR, "post-defense %s failed:\n%s", name, traceback.format_exc())
+                recorder.post_defense(name, {"error": f"{type(exc).__name__}: {exc}"})
+                continue
             seconds = time.perf_counter() - started
             m = evaluator(state)
             recorder.save_model(name, state)

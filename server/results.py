@@ -74,7 +74,8 @@ def plot(rounds: list[dict[str, float]], defenses: dict[str, dict[str, Any]], pa
     ax.plot(xs, [r["asr"] for r in rounds], "-o", color="tab:red", ms=3, label="ASR")
     last = xs[-1] if xs else 0
     markers = "*Ds^vP"
-    for i, (name, res) in enumerate(defenses.items()):
+    defended = {name: res for name, res in defenses.items() if "acc" in res}
+    for i, (name, res) in enumerate(defended.items()):
         x, m = last + 0.5 * (i + 1), markers[i % len(markers)]
         ax.plot([x], [res["acc"]], m, color="tab:blue", ms=11, mec="k")
         ax.plot([x], [res["asr"]], m, color="tab:red", ms=11, mec="k")
@@ -93,10 +94,15 @@ def format_table(summary: dict[str, Any]) -> str:
     """The results table printed by `flain run`."""
     rows = [("no-Defense", summary["final"]["acc"], summary["final"]["asr"], "")]
     for name, res in summary.get("post_defenses", {}).items():
+        if "error" in res:
+            rows.append((name, float("nan"), float("nan"), f"FAILED: {res['error']}"))
+            continue
         note = ""
-        if "threshold" in res:
+        if "flipped" in res:
             note = f"lambda={res['threshold']:.4f} flipped={res['flipped']}/{res.get('inputs', '?')}"
             note += " (all flipped)" if res.get("exhausted") else ""
+        elif "pruned" in res:
+            note = f"pruned={res['pruned']}/{res.get('inputs', '?')}"
         rows.append((name, res["acc"], res["asr"], note))
     lines = [f"{'defense':<12} {'ACC':>7} {'ASR':>7}  notes", "-" * 60]
     lines += [f"{n:<12} {a:7.4f} {s:7.4f}  {note}" for n, a, s, note in rows]

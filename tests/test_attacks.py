@@ -1,45 +1,98 @@
-"""Trigger stamping, poisoning rate, choice of malicious clients."""
+"""Triggers (CBA, DBA parts, pixel-count patterns, positions), poisoning, attackers."""
 
 import numpy as np
 import pytest
 import torch
 
 from attacks import TRIGGERS, malicious_clients, poison
-from attacks.triggers import square
+from attacks.triggers import PixelTrigger, cba, dba
+
+
+def _cells(mask):
+    return {(int(r), int(c)) for r, c in zip(*np.nonzero(mask))}
 
 
 def test_cba_is_5x5_white_square_bottom_right():
-    trig = TRIGGERS["cba"](28, 28)
-    rows, cols = np.nonzero(trig.mask)
+    trig = TRIGGERS["cba"](28, 28).full
     assert trig.num_pixels == 25
-    assert set(rows) == set(cols) == set(range(23, 28))
+    assert _cells(trig.mask) == {(r, c) for r in range(23, 28) for c in range(23, 28)}
+    assert cba(32, 32).full.num_pixels == 16  # CIFAR-10: a 4x4 patch
+    assert _cells(cba(32, 32).full.mask) == {(r, c) for r in range(28, 32) for c in range(28, 32)}
 
 
-@pytest.mark.parametrize("dtype,white", [(torch.uint8, 255), (torch.float32, 1.0)])
+@pytest.mark.parametrize("count", [3, 5, 7, 9])
+def test_pixel_count_patterns(count):
+    trig = cba(28, 28, pixels=count).full
+    assert trig.num_pixels == count
+    assert all(25 <= r <= 27 and 25 <= c <= 27 for r, c in _cells(trig.mask))  # a 3x3 box in the corner
+    assert (26, 26) in _cells(trig.mask)  # always the centre
+    if count == 5:
+        assert _cells(trig.mask) == {(26, 26), (25, 26), (27, 26), (26, 25), (26, 27)}  # a plus
+
+
+@pytest.mark.parametrize("corner,margin,expected", [
+    ("top-left", 0, (0, 0)), ("top-right", 1, (1, 22)), ("bottom-left", 2, (21, 2)), ("bottom-right", 0, (23, 23)),
+])
+def test_positions(corner, margin, expected):
+    cells = _cells(cba(28, 28, corner=corner, margin=margin).full.mask)
+    assert min(cells) == expected and len(cells) == 25
+
+
+@pytest.mark.parametrize("size,parts", [(28, 2), (32, 4)])
+def test_dba_parts_disjoint_and_cover_the_plus(size, parts):
+    scheme = dba(size, size)
+    assert len(scheme.parts) == parts
+    cells = [_cells(p.mask) for p in scheme.parts]
+    for i in range(parts):
+        for j in range(i + 1, parts):
+            assert not cells[i] & cells[j]
+    assert set().union(*cells) == _cells(scheme.full.mask)
+    assert scheme.full.num_pixels == 9  # plus sign, arms of 2
+    assert [scheme.for_client(k) for k in range(2 * parts)] == list(scheme.parts) * 2
+    if parts == 2:  # vertical bar and horizontal arms
+        assert _cells(scheme.parts[0].mask) == {(r, 25) for r in range(23, 28)}
+        assert _cells(scheme.parts[1].mask) == {(25, c) for c in (23, 24, 26, 27)}
+
+
+def test_bad_trigger_settings_raise():
+    with pytest.raises(ValueError, match="trigger-pixels=4"):
+        cba(28, 28, pixels=4)
+    with pytest.raises(ValueError, match="cba only"):
+        dba(28, 28, pixels=5)
+    with pytest.raises(ValueError, match="does not fit"):
+        cba(28, 28, margin=25)
+    with pytest.raises(ValueError, match="trigger-corner"):
+        cba(28, 28, corner="middle")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 @pytest.mark.parametrize("shape", [(4, 28, 28), (4, 1, 28, 28), (4, 3, 28, 28)])
-def test_stamp_sets_only_the_pattern(dtype, white, shape):
+@pytest.mark.parametrize("value", [1.0, 0.5])
+def test_stamp_sets_only_the_pattern(dtype, shape, value):
     g = torch.Generator().manual_seed(0)
-    images = (torch.rand(shape, generator=g) * 0.5 * (255 if dtype == torch.uint8 else 1)).to(dtype)
+    scale = 255 if dtype == torch.uint8 else 1
+    images = (torch.rand(shape, generator=g) * 0.4 * scale).to(dtype)
     before = images.clone()
-    out = TRIGGERS["cba"](28, 28).stamp(images)
+    trig = PixelTrigger(cba(28, 28).full.mask, value)
+    out = trig.stamp(images)
     assert torch.equal(images, before)  # input untouched
-    mask = torch.zeros(28, 28, dtype=torch.bool)
-    mask[23:28, 23:28] = True
-    assert torch.all(out[..., mask] == white)
+    mask = torch.from_numpy(trig.mask)
+    want = round(value * 255) if dtype == torch.uint8 else value
+    assert torch.all(out[..., mask] == want)
     assert torch.equal(out[..., ~mask], images[..., ~mask])
 
 
 def test_stamp_rejects_wrong_image_size():
     with pytest.raises(ValueError, match="32x32"):
-        square(5, 32, 32).stamp(torch.zeros(2, 1, 28, 28))
+        cba(32, 32).full.stamp(torch.zeros(2, 1, 28, 28))
 
 
 @pytest.mark.parametrize("pdr", [0.0, 0.3, 0.5, 1.0])
 def test_poisoning_rate_and_relabel(pdr):
-    g = torch.Generator().manual_seed(1)
-    labels = torch.randint(0, 10, (1000,), generator=g)
+    labels = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(1))
+    original = labels.clone()
     images = torch.zeros(1000, 1, 28, 28, dtype=torch.uint8)
-    trig = TRIGGERS["cba"](28, 28)
+    trig = cba(28, 28).full
     px, py, count = poison(images, labels, trig, source=0, target=5, pdr=pdr, seed=3)
     n_source = int((labels == 0).sum())
     assert count == round(pdr * n_source)
@@ -49,7 +102,7 @@ def test_poisoning_rate_and_relabel(pdr):
     stamped = px.flatten(1).any(1)
     assert torch.equal(stamped.nonzero().flatten(), changed)  # exactly the relabelled ones
     assert torch.equal(px[changed], trig.stamp(images[changed]))
-    assert labels.sum() == torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(1)).sum()
+    assert torch.equal(labels, original)  # inputs untouched
 
 
 def test_malicious_clients_deterministic_and_sized():

@@ -14,7 +14,14 @@ def test_pyproject_defaults_match_fields_and_validate():
     assert keys == fields
     cfg = ExperimentConfig.defaults()
     assert cfg.dataset == "fmnist" and cfg.post_defense_names == ["flain"]
-    assert cfg.to_run_config() == default_run_config()
+    assert cfg.to_run_config() == default_run_config() | {"aux-size": 200}  # 0 = the paper's size
+
+
+def test_aux_size_default_per_dataset():
+    assert ExperimentConfig.defaults(dataset="mnist").aux_size == 200
+    assert ExperimentConfig.defaults(dataset="cifar10").aux_size == 600
+    assert ExperimentConfig.defaults(dataset="emnist", source_label=10, target_label=20).aux_size == 200
+    assert ExperimentConfig.defaults(aux_size=50).aux_size == 50
 
 
 @pytest.mark.parametrize(
@@ -37,6 +44,10 @@ def test_pyproject_defaults_match_fields_and_validate():
         ("flain-rho", 0.0, "flain-rho=0.0"),
         ("flain-layer", "conv1", "flain-layer='conv1'"),
         ("aux-size", 10000, "aux-size=10000"),
+        ("trigger-pixels", 4, "trigger-pixels=4"),
+        ("trigger-corner", "centre", "trigger-corner='centre'"),
+        ("trigger-margin", 30, "does not fit"),
+        ("trigger-value", 0.0, "trigger-value=0.0"),
         ("train-fraction", 0.0, "train-fraction=0.0"),
         ("batch-size", "big", "batch-size='big' must be an integer"),
     ],

@@ -7,7 +7,7 @@ from models import autocast, build_model, resolve_precision, resolve_tau, split_
 
 
 def test_fmnist_cnn_shapes():
-    model = build_model("fmnist", 10).eval()
+    model = build_model("fmnist").eval()
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
     linears = [(n, m.in_features, m.out_features) for n, m in model.named_children() if isinstance(m, torch.nn.Linear)]
     assert linears == [("fc1", 9216, 256), ("fc2", 256, 128), ("fc3", 128, 64), ("fc4", 64, 10)]
@@ -17,7 +17,7 @@ def test_fmnist_cnn_shapes():
 
 
 def test_tau_and_split():
-    model = build_model("fmnist", 10).eval()
+    model = build_model("fmnist").eval()
     assert resolve_tau(model, "auto") == "fc1"
     assert resolve_tau(model, "fc3") == "fc3"
     with pytest.raises(ValueError, match="conv1"):
@@ -40,3 +40,27 @@ def test_precision_resolution():
         assert torch.nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.bfloat16
     with autocast(cpu, "fp32"):
         assert torch.nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "dataset,shape,linears,convs",
+    [
+        ("mnist", (1, 28, 28), [("fc1", 3136, 128), ("fc2", 128, 10)], [32, 64]),
+        ("emnist", (1, 28, 28), [("fc1", 3136, 128), ("fc2", 128, 62)], [32, 64]),
+        ("cifar10", (3, 32, 32), [("fc1", 4096, 1024), ("fc2", 1024, 512), ("fc3", 512, 10)],
+         [64, 128, 256, 256, 256, 256]),
+    ],
+)
+def test_paper_models_layer_shapes(dataset, shape, linears, convs):
+    model = build_model(dataset).eval()
+    assert model(torch.rand(2, *shape)).shape == (2, linears[-1][2])
+    got = [(n, m.in_features, m.out_features) for n, m in model.named_children() if isinstance(m, torch.nn.Linear)]
+    assert got == linears
+    assert [m.out_channels for m in model if isinstance(m, torch.nn.Conv2d)] == convs
+    assert resolve_tau(model, "auto") == "fc1"
+    bns = [m for m in model if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == (6 if dataset == "cifar10" else 0)
+    if bns:  # BatchNorm statistics travel in the state_dict (as buffers, not parameters)
+        keys = model.state_dict().keys()
+        assert "bn1.running_mean" in keys and "bn1.num_batches_tracked" in keys
+        assert "bn1.running_mean" not in dict(model.named_parameters())

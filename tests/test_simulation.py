@@ -29,7 +29,8 @@ def small_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "experiment.cli", "run",
          "--set", "num-clients=3", "--set", "num-rounds=2", "--set", "train-fraction=0.05",
-         "--set", "mcr=0.34", "--set", "post-defenses='flain'",
+         "--set", "mcr=0.34", "--set", "post-defenses='flain,pruning,fedpruning'",
+         "--set", "fedpruning-finetune-rounds=1",
          "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -46,7 +47,8 @@ def test_run_succeeds_and_prints_table(small_run):
 def test_artifacts(small_run):
     _, run_dir, _ = small_run
     names = {p.name for p in run_dir.iterdir()}
-    assert {"config.json", "rounds.csv", "summary.json", "initial.pt", "final.pt", "flain.pt", "plot.png"} <= names
+    assert {"config.json", "rounds.csv", "summary.json", "initial.pt", "final.pt", "flain.pt",
+            "pruning.pt", "fedpruning.pt", "plot.png"} <= names
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["num-clients"] == 3 and config["seed"] == 42 and len(config["malicious_clients"]) == 1
@@ -65,11 +67,20 @@ def test_artifacts(small_run):
         assert key in flain, key
     assert 0 <= flain["acc"] <= 1 and 0 <= flain["asr"] <= 1 and flain["flipped"] >= 1
 
+    pruning, fedpruning = summary["post_defenses"]["pruning"], summary["post_defenses"]["fedpruning"]
+    assert pruning["pruned"] >= 1 and "error" not in fedpruning
+    assert fedpruning["clients"] == 3 and fedpruning["finetune_rounds"] == 1  # the extra Flower rounds ran
+
     initial, final, defended = (torch.load(run_dir / f"{n}.pt") for n in ("initial", "final", "flain"))
     assert set(initial) == set(final) == set(defended)
     assert not torch.equal(initial["fc1.weight"], final["fc1.weight"])
     for k in final:  # FLAIN changes tau's weight only
         assert torch.equal(final[k], defended[k]) == (k != "fc1.weight"), k
+    pruned = torch.load(run_dir / "pruning.pt")["fc1.weight"]
+    assert int((pruned == 0).all(0).sum()) == pruning["pruned"]  # whole input columns zeroed
+    tuned = torch.load(run_dir / "fedpruning.pt")
+    assert int((tuned["fc1.weight"] == 0).all(0).sum()) >= fedpruning["pruned"]  # still pruned after fine-tuning
+    assert not torch.equal(tuned["fc2.weight"], final["fc2.weight"])  # fine-tuning trained the rest
 
 
 def test_no_process_left_behind(small_run):
