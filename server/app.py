@@ -128,5 +128,5 @@ def _run(grid: Grid, cfg: ExperimentConfig, spec: DatasetSpec, device: torch.dev
         num_rounds=cfg.num_rounds,
         evaluate_fn=evaluate,
     )
-    summary = recorder.finish()
+    summary = recorder.finish(client_failures=strategy.failures)
     log(INFO, "[flain] results\n%s", format_table(summary))

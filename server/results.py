@@ -44,7 +44,8 @@ class RunRecorder:
         self.summary["post_defenses"][name] = result
         self._write_summary()
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, **extra: Any) -> dict[str, Any]:
+        self.summary.update(extra)
         self.summary["status"] = "completed"
         self.summary["seconds_total"] = time.perf_counter() - self.started
         self._write_summary()

@@ -1,8 +1,8 @@
 """Mid-training aggregation rules (registry: `aggregation=` name -> builder).
 
 Every rule samples every client every round (client sampling rate 1), skips client-side
-evaluation, and is wrapped by `with_post_training` so that the W0 snapshot and the
-post-training defenses work with any of them. Flower's own strategies are used where
+evaluation, and is wrapped (`wrap`) so that malformed replies are dropped and the W0
+snapshot and the post-training defenses work with any of them. Flower's own strategies are used where
 Flower has the rule; RLR and the invariant aggregator act on updates (`DeltaStrategy`).
 """
 
@@ -15,7 +15,13 @@ from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Kr
 
 from strategies.invariant import InvariantAggregator
 from strategies.post_training import PostTrainingHook, with_post_training
+from strategies.reply_guard import with_reply_guard
 from strategies.rlr import RobustLR, default_theta
+
+
+def wrap(base: type[Strategy]) -> type[Strategy]:
+    """Any rule + reply validation + W0 snapshot and post-training hook."""
+    return with_post_training(with_reply_guard(base))
 
 
 def _common(cfg: Any, post_training: PostTrainingHook | None) -> dict[str, Any]:
@@ -35,44 +41,44 @@ def rlr_theta(cfg: Any) -> int:
 
 def fedavg(cfg, hook, buffers):
     """FedAvg (McMahan et al. 2017), weighted by examples, server learning rate 1."""
-    return with_post_training(FedAvg)(**_common(cfg, hook))
+    return wrap(FedAvg)(**_common(cfg, hook))
 
 
 def rlr(cfg, hook, buffers):
     """Robust learning rate (Ozdayi et al., AAAI 2021)."""
-    return with_post_training(RobustLR)(theta=rlr_theta(cfg), eta=cfg.rlr_eta, buffer_keys=buffers, **_common(cfg, hook))
+    return wrap(RobustLR)(theta=rlr_theta(cfg), eta=cfg.rlr_eta, buffer_keys=buffers, **_common(cfg, hook))
 
 
 def krum(cfg, hook, buffers):
     """Krum (Blanchard et al. 2017), Flower's implementation."""
-    return with_post_training(Krum)(num_malicious_nodes=krum_f(cfg), **_common(cfg, hook))
+    return wrap(Krum)(num_malicious_nodes=krum_f(cfg), **_common(cfg, hook))
 
 
 def multikrum(cfg, hook, buffers):
     """Multi-Krum: average the `multikrum-m` most central updates (0 = n - f)."""
     f = krum_f(cfg)
     m = cfg.multikrum_m or cfg.num_clients - f
-    return with_post_training(MultiKrum)(num_malicious_nodes=f, num_nodes_to_select=m, **_common(cfg, hook))
+    return wrap(MultiKrum)(num_malicious_nodes=f, num_nodes_to_select=m, **_common(cfg, hook))
 
 
 def bulyan(cfg, hook, buffers):
     """Bulyan (El Mhamdi et al. 2018), Flower's implementation."""
-    return with_post_training(Bulyan)(num_malicious_nodes=krum_f(cfg), **_common(cfg, hook))
+    return wrap(Bulyan)(num_malicious_nodes=krum_f(cfg), **_common(cfg, hook))
 
 
 def trimmed_mean(cfg, hook, buffers):
     """Coordinate-wise trimmed mean (Yin et al. 2018), Flower's FedTrimmedAvg."""
-    return with_post_training(FedTrimmedAvg)(beta=cfg.trim_beta, **_common(cfg, hook))
+    return wrap(FedTrimmedAvg)(beta=cfg.trim_beta, **_common(cfg, hook))
 
 
 def median(cfg, hook, buffers):
     """Coordinate-wise median (Yin et al. 2018), Flower's FedMedian."""
-    return with_post_training(FedMedian)(**_common(cfg, hook))
+    return wrap(FedMedian)(**_common(cfg, hook))
 
 
 def invariant(cfg, hook, buffers):
     """Invariant aggregator (Wang et al.): sign-agreement mask + trimmed mean."""
-    return with_post_training(InvariantAggregator)(
+    return wrap(InvariantAggregator)(
         threshold=cfg.invariant_threshold, beta=cfg.invariant_beta, buffer_keys=buffers, **_common(cfg, hook))
 
 

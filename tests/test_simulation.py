@@ -5,8 +5,6 @@ Needs Fashion-MNIST in the project's data directory (`make setup` puts it there)
 import csv
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,16 +21,14 @@ def _flower_processes() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
+def small_run(tmp_path_factory, flain_cli):
     run_dir = tmp_path_factory.mktemp("sim") / "small"
     before = _flower_processes()
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiment.cli", "run",
-         "--set", "num-clients=3", "--set", "num-rounds=2", "--set", "train-fraction=0.05",
-         "--set", "mcr=0.34", "--set", "post-defenses='flain,pruning,fedpruning'",
-         "--set", "fedpruning-finetune-rounds=1",
-         "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
+    proc = flain_cli(
+        "run", "--set", "num-clients=3", "--set", "num-rounds=2", "--set", "train-fraction=0.05",
+        "--set", "mcr=0.34", "--set", "post-defenses='flain,pruning,fedpruning'",
+        "--set", "fedpruning-finetune-rounds=1",
+        "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'",
     )
     return proc, run_dir, before
 

@@ -85,3 +85,29 @@ def test_rule_aggregates_replies(name):
         assert np.allclose(arrays["bn.running_mean"].numpy(), np.mean(range(N)))
         assert arrays["bn.num_batches_tracked"].numpy() == 10 + N - 1
     assert set(arrays) == {"fc.weight", "bn.running_mean", "bn.num_batches_tracked"}
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ({"fc.weight": np.full((2, 3), np.nan)}, "NaN or Inf"),
+    ({"fc.weight": np.full((2, 3), np.inf)}, "NaN or Inf"),
+    ({"fc.weight": np.ones((3, 2))}, "shape (3, 2)"),
+    ({"other": np.ones((2, 3))}, "missing ['fc.weight']"),
+])
+@pytest.mark.parametrize("name", ["fedavg", "rlr", "median"])
+def test_malformed_replies_are_rejected_not_aggregated(name, bad, reason):
+    cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name)
+    strategy = AGGREGATIONS[name](cfg, None, frozenset())
+    sent = list(strategy.configure_train(1, ArrayRecord({"fc.weight": Array(np.zeros((2, 3), np.float32))}),
+                                         ConfigRecord(), NodesOnly()))
+    replies = []
+    for i, msg in enumerate(sent):
+        arrays = {k: v.astype(np.float32) for k, v in bad.items()} if i == 0 else {"fc.weight": np.ones((2, 3), np.float32)}
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": 10})})
+        replies.append(Message(content=content, reply_to=msg))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["fc.weight"].numpy(), 1.0)  # only the good replies count
+    assert len(strategy.failures) == 1
+    failure = strategy.failures[0]
+    assert failure["round"] == 1 and failure["kind"] == "rejected" and reason in failure["reason"]
+    assert failure["node"] == sent[0].metadata.dst_node_id
