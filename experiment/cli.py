@@ -3,6 +3,7 @@
   flain run [--set key=value ...] [--name NAME] [--gpu] [--verbose] [--dry-run]
   flain data fetch NAME [--data-dir DIR]
   flain triggers [--dataset NAME] [--out FILE.png]
+  flain table RUN_DIR [RUN_DIR ...]
 
 `flain run` validates the configuration, prepares the data, runs the Flower app as a
 simulation on a private SuperLink, shows progress per round, prints the results table
@@ -139,6 +140,19 @@ def cmd_triggers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    """Markdown table of ACC/ASR for finished runs, side by side."""
+    from server.results import comparison_rows, markdown_table
+
+    dirs = [Path(d) for d in args.runs]
+    missing = [str(d) for d in dirs if not (d / "summary.json").is_file()]
+    if missing:
+        print(f"flain: no summary.json in {missing}", file=sys.stderr)
+        return 2
+    print(markdown_table(comparison_rows(dirs)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +180,10 @@ def parser() -> argparse.ArgumentParser:
     trig.add_argument("--data-dir", default=default_run_config()["data-dir"])
     trig.add_argument("--out", default="triggers.png", help="PNG file to write")
     trig.set_defaults(func=cmd_triggers)
+
+    table = sub.add_parser("table", help="ACC/ASR of finished runs side by side (markdown)")
+    table.add_argument("runs", nargs="+", help="run directories")
+    table.set_defaults(func=cmd_table)
     return p
 
 

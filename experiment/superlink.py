@@ -56,9 +56,30 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop `proc` and everything it started: SIGTERM, then SIGKILL after `grace` s."""
-    pids = [proc.pid, *descendants(proc.pid)]
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Processes whose environment has key=value (finds daemons that left the tree)."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 10.0, extra: list[int] = ()) -> None:
+    """Stop `proc`, everything it started and `extra`: SIGTERM, then SIGKILL after `grace` s."""
+    pids = [proc.pid, *descendants(proc.pid), *extra]
+    _terminate(pids, grace)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _terminate(pids: list[int], grace: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -70,10 +91,6 @@ def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
             time.sleep(0.2)
         if not any(_alive(p) for p in pids):
             break
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _alive(pid: int) -> bool:
@@ -106,6 +123,9 @@ class SuperLink:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # Flower's processes start each other by name (flower-superexec, flwr-serverapp...):
+        # this environment's bin/ must come first even when the venv is not activated.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.update(
             FLWR_HOME=str(self.home),
             FLWR_DISABLE_UPDATE_CHECK="1",
@@ -139,9 +159,12 @@ class SuperLink:
         raise RuntimeError(f"flower-superlink did not open port {self.port} in {timeout:.0f}s; see {self.log_path}")
 
     def stop(self) -> None:
+        """Stop the SuperLink and every process of this run, also those that left the
+        process tree (Ray's daemons re-parent themselves): they all carry our FLWR_HOME."""
         if self.proc is not None:
-            stop_tree(self.proc)
+            stop_tree(self.proc, extra=processes_with_env("FLWR_HOME", str(self.home)))
             self.proc = None
+        _terminate(processes_with_env("FLWR_HOME", str(self.home)), grace=5)
 
     # ---- flwr CLI ---------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:

@@ -108,3 +108,30 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [f"{'defense':<12} {'ACC':>7} {'ASR':>7}  notes", "-" * 60]
     lines += [f"{n:<12} {a:7.4f} {s:7.4f}  {note}" for n, a, s, note in rows]
     return "\n".join(lines)
+
+
+_RULE_NAMES = {"fedavg": "no-Defense", "rlr": "RLR"}  # the paper's row names
+_DEFENSE_NAMES = {"flain": "FLAIN", "pruning": "Pruning", "fedpruning": "FedPruning"}
+
+
+def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]:
+    """(run, defense, ACC, ASR) for every run directory: the trained model under its
+    aggregation rule, then each post-training defense applied to it (the paper's rows:
+    FedAvg = no-Defense, FedAvg + FLAIN = FLAIN, RLR = RLR, ...)."""
+    rows = []
+    for run_dir in run_dirs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rule = json.loads((run_dir / "config.json").read_text())["aggregation"]
+        base = _RULE_NAMES.get(rule, rule)
+        rows.append((run_dir.name, base, summary["final"]["acc"], summary["final"]["asr"]))
+        for name, res in summary.get("post_defenses", {}).items():
+            if "acc" in res:
+                label = _DEFENSE_NAMES.get(name, name)
+                rows.append((run_dir.name, label if rule == "fedavg" else f"{base} + {label}", res["acc"], res["asr"]))
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, str, float, float]]) -> str:
+    lines = ["| run | defense | ASR | ACC |", "| --- | --- | --- | --- |"]
+    lines += [f"| {run} | {label} | {asr:.3f} | {acc:.3f} |" for run, label, acc, asr in rows]
+    return "\n".join(lines)

@@ -142,16 +142,23 @@ def flain_search(
 
 
 @dataclass(frozen=True)
-class Flain:
-    """Post-training defense: FLAIN on layer `layer` ('auto' = first Linear after convs)."""
+class AdaptiveTauDefense:
+    """Settings of a post-training defense on layer tau with the adaptive threshold.
+    The paper compares FLAIN and Pruning on the same layer with the same stop rule, so
+    both read `flain-step`, `flain-rho` and `flain-layer`."""
 
     step: float = 0.001
     rho: float = 0.02
-    layer: str = "auto"
+    layer: str = "auto"  # 'auto' = first Linear after the convolutions
 
     @classmethod
-    def from_config(cls, cfg: Any) -> Flain:
+    def from_config(cls, cfg: Any) -> AdaptiveTauDefense:
         return cls(step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer)
+
+
+@dataclass(frozen=True)
+class Flain(AdaptiveTauDefense):
+    """Post-training defense: FLAIN (Algorithm 1)."""
 
     def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Defend `model` (trained weights loaded; left untouched).

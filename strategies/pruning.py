@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from strategies.flain import adaptive_threshold
+from strategies.flain import AdaptiveTauDefense, adaptive_threshold
 from strategies.post_training import PostTrainingInput
 from strategies.tau import TauView
 
@@ -25,15 +25,8 @@ def prune_columns(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Pruning:
-    step: float = 0.001
-    rho: float = 0.02
-    layer: str = "auto"
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> Pruning:
-        # the paper compares on the same layer with the same stop rule as FLAIN
-        return cls(step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer)
+class Pruning(AdaptiveTauDefense):
+    """Post-training defense: low-activation pruning of tau's inputs."""
 
     def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         started = time.perf_counter()

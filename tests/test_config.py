@@ -89,3 +89,28 @@ def test_cli_dry_run_prints_resolved_config(capsys, tmp_path):
     assert main(["run", "--dry-run", "--set", "num-rounds=3", "--set", f"data-dir='{tmp_path}'"]) == 0
     out = capsys.readouterr().out
     assert '"num-rounds": 3' in out and str(tmp_path) in out
+
+
+def test_table_command_puts_runs_side_by_side(tmp_path, capsys):
+    import json
+
+    for name, rule, final, post in [
+        ("fedavg", "fedavg", (0.88, 0.95), {"flain": (0.875, 0.0), "pruning": (0.86, 0.1)}),
+        ("rlr", "rlr", (0.85, 0.02), {}),
+    ]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"aggregation": rule}))
+        (d / "summary.json").write_text(json.dumps({
+            "final": {"acc": final[0], "asr": final[1]},
+            "post_defenses": {k: {"acc": a, "asr": r} for k, (a, r) in post.items()} | {"x": {"error": "boom"}},
+        }))
+    assert main(["table", str(tmp_path / "fedavg"), str(tmp_path / "rlr")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2:] == [
+        "| fedavg | no-Defense | 0.950 | 0.880 |",
+        "| fedavg | FLAIN | 0.000 | 0.875 |",
+        "| fedavg | Pruning | 0.100 | 0.860 |",
+        "| rlr | RLR | 0.020 | 0.850 |",
+    ]
+    assert main(["table", str(tmp_path / "nothing")]) == 2

@@ -4,7 +4,7 @@ Needs Fashion-MNIST in the project's data directory (`make setup` puts it there)
 
 import csv
 import json
-import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,34 +14,42 @@ from experiment.config import PROJECT_ROOT
 DATA = PROJECT_ROOT / "data"
 
 
-def _flower_processes() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    keys = ("flower-superlink", "flower-superexec", "flwr-simulation", "ray::", "raylet", "gcs_server")
-    return {int(line.split()[0]) for line in out.splitlines() if any(k in line for k in keys)}
+def _orphans() -> set[int]:
+    """Processes of finished `flain` commands: each command runs everything with its own
+    FLWR_HOME in a temporary directory that it deletes at the end; a live process whose
+    FLWR_HOME is gone was left behind (other runs going on at the same time are fine)."""
+    found = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            for item in environ.read_bytes().split(b"\0"):
+                if item.startswith(b"FLWR_HOME=") and b"/flain-" in item and not Path(item[10:].decode()).exists():
+                    found.add(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, flain_cli):
     run_dir = tmp_path_factory.mktemp("sim") / "small"
-    before = _flower_processes()
     proc = flain_cli(
         "run", "--set", "num-clients=3", "--set", "num-rounds=2", "--set", "train-fraction=0.05",
         "--set", "mcr=0.34", "--set", "post-defenses='flain,pruning,fedpruning'",
         "--set", "fedpruning-finetune-rounds=1",
         "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'",
     )
-    return proc, run_dir, before
+    return proc, run_dir
 
 
 def test_run_succeeds_and_prints_table(small_run):
-    proc, _, _ = small_run
+    proc, _ = small_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[flain] round 2/2" in proc.stdout
     assert "no-Defense" in proc.stdout and "flain" in proc.stdout.split("no-Defense")[-1]
 
 
 def test_artifacts(small_run):
-    _, run_dir, _ = small_run
+    _, run_dir = small_run
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.json", "rounds.csv", "summary.json", "initial.pt", "final.pt", "flain.pt",
             "pruning.pt", "fedpruning.pt", "plot.png"} <= names
@@ -80,8 +88,7 @@ def test_artifacts(small_run):
 
 
 def test_no_process_left_behind(small_run):
-    _, _, before = small_run
-    assert _flower_processes() - before == set()
+    assert _orphans() == set()
 
 
 def test_failed_run_exits_nonzero(tmp_path, monkeypatch, capsys):
