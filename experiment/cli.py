@@ -1,9 +1,11 @@
 """`flain`: the command for people.
 
   flain run [--set key=value ...] [--name NAME] [--gpu] [--verbose] [--dry-run]
+  flain deploy --nodes N [--tls] [--set key=value ...]
   flain data fetch NAME [--data-dir DIR]
   flain triggers [--dataset NAME] [--out FILE.png]
   flain table RUN_DIR [RUN_DIR ...]
+  flain compose [--nodes N] [--out docker-compose.yml] [--certs DIR]
 
 `flain run` validates the configuration, prepares the data, runs the Flower app as a
 simulation on a private SuperLink, shows progress per round, prints the results table
@@ -41,33 +43,29 @@ def resolve(overrides: dict[str, Any], name: str | None) -> ExperimentConfig:
     return cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()), run_dir=str(run_dir.resolve()))
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
+    """The validated configuration with its data in place, or an exit code."""
     try:
-        cfg = resolve(parse_overrides(args.set), args.name)
+        cfg = resolve(parse_overrides(args.set) | forced, args.name)
     except ConfigError as exc:
         print(f"flain: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(json.dumps(cfg.to_run_config(), indent=2))
         return 0
-    federation: dict[str, Any] = {"num-supernodes": cfg.num_clients, "client-resources-num-cpus": 1}
-    if args.gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            print("flain: --gpu given but no CUDA device is visible", file=sys.stderr)
-            return 2
-        federation["client-resources-num-gpus"] = args.gpu_share
-    else:
-        federation["client-resources-num-gpus"] = 0.0
-
     print(f"flain: preparing {cfg.dataset} in {cfg.data_dir}", flush=True)
     try:
         fetch(cfg.dataset, cfg.data_dir)
     except DataUnavailable as exc:
         print(f"flain: data error: {exc}", file=sys.stderr)
         return 3
+    return cfg
 
+
+def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[str, Any],
+             nodes: int = 0, tls: bool = False) -> int:
+    """Run the app on a private SuperLink: simulation (nodes=0) or `nodes` real SuperNodes."""
+    from experiment.deploy import Federation
     from experiment.superlink import RunFailed, private_superlink, write_run_config
 
     run_dir = Path(cfg.run_dir)
@@ -81,12 +79,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     started = time.perf_counter()
-    print(f"flain: {cfg.num_clients} clients, {cfg.num_rounds} rounds, results in {run_dir}", flush=True)
+    where = f"{nodes} SuperNodes{' with TLS and node authentication' if tls else ''}" if nodes else "simulation"
+    print(f"flain: {cfg.num_clients} clients, {cfg.num_rounds} rounds, {where}; results in {run_dir}", flush=True)
     try:
-        with private_superlink() as link:
-            config_file = write_run_config(cfg.to_run_config(), link.workdir / "run-config.toml")
-            run_id = link.submit(PROJECT_ROOT, config_file, federation)
-            final = link.follow(run_id, show)
+        with private_superlink(simulation=not nodes, tls=tls) as link:
+            fed = Federation(link, nodes, link.tls) if nodes else None
+            try:
+                if fed:
+                    fed.start()
+                    fed.wait_connected()
+                config_file = write_run_config(cfg.to_run_config(), link.workdir / "run-config.toml")
+                run_id = link.submit(PROJECT_ROOT, config_file, federation)
+                final = link.follow(run_id, show)
+            finally:
+                if fed:
+                    fed.stop()
             if final["status"] != "finished:completed":
                 raise RunFailed(f"{final['status']}: {final.get('status-details', '')}")
     except KeyboardInterrupt:
@@ -103,6 +110,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nflain: finished in {time.perf_counter() - started:.0f}s; results in {run_dir}\n")
     print(format_table(summary))
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _prepare(args)
+    if isinstance(cfg, int):
+        return cfg
+    federation: dict[str, Any] = {"num-supernodes": cfg.num_clients, "client-resources-num-cpus": 1,
+                                  "client-resources-num-gpus": 0.0}
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("flain: --gpu given but no CUDA device is visible", file=sys.stderr)
+            return 2
+        federation["client-resources-num-gpus"] = args.gpu_share
+    return _execute(cfg, args, federation)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.nodes < 1:
+        print(f"flain: --nodes {args.nodes} is not allowed: must be >= 1", file=sys.stderr)
+        return 2
+    if "num-clients" in parse_overrides(args.set):
+        print("flain: num-clients is --nodes in a deployment (one client per SuperNode)", file=sys.stderr)
+        return 2
+    cfg = _prepare(args, **{"num-clients": args.nodes})
+    if isinstance(cfg, int):
+        return cfg
+    return _execute(cfg, args, {}, nodes=args.nodes, tls=args.tls)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -153,6 +189,38 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    """Write docker-compose.yml (and the certificates and node keys it mounts)."""
+    import flwr
+    import yaml
+
+    from experiment.deploy import compose_services, make_node_key
+    from experiment.superlink import make_tls
+
+    class Plain(yaml.SafeDumper):  # no &anchors: each service reads on its own
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    text = yaml.dump(compose_services(args.nodes, flwr.__version__), Dumper=Plain, sort_keys=False, width=120)
+    Path(args.out).write_text(COMPOSE_HEADER + text)
+    print(f"flain: wrote {args.out} ({args.nodes} SuperNodes)")
+    if args.certs:
+        certs = Path(args.certs)
+        make_tls(certs)
+        for i in range(args.nodes):
+            make_node_key(certs, f"node{i}")
+        print(f"flain: wrote a throwaway CA, the SuperLink's certificate and {args.nodes} node keys to {certs}/")
+    return 0
+
+
+COMPOSE_HEADER = """\
+# FLAIN on Flower as containers: a SuperLink, its ServerApp runner, and SuperNodes each with
+# its ClientApp runner, TLS and SuperNode authentication on. Generated by
+#   flain compose --nodes N --out docker-compose.yml --certs certs
+# from the same commands `flain deploy` runs as processes (see README, "Deployment").
+"""
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -168,6 +236,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     run.set_defaults(func=cmd_run)
 
+    dep = sub.add_parser("deploy", help="run as real processes: a SuperLink and N SuperNodes on 127.0.0.1")
+    dep.add_argument("--nodes", type=int, default=3, help="SuperNodes (= clients, one partition each)")
+    dep.add_argument("--tls", action="store_true",
+                     help="TLS with a throwaway CA, and SuperNode authentication (registered keys only)")
+    dep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
+    dep.add_argument("--name", help="run directory name under runs/ (default: generated)")
+    dep.add_argument("--verbose", "-v", action="store_true", help="show every Flower log line")
+    dep.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
+    dep.set_defaults(func=cmd_deploy)
+
     data = sub.add_parser("data", help="data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch_p = data_sub.add_parser("fetch", help="prepare a data set in the data directory")
@@ -180,6 +258,12 @@ def parser() -> argparse.ArgumentParser:
     trig.add_argument("--data-dir", default=default_run_config()["data-dir"])
     trig.add_argument("--out", default="triggers.png", help="PNG file to write")
     trig.set_defaults(func=cmd_triggers)
+
+    comp = sub.add_parser("compose", help="write docker-compose.yml (+ certificates and node keys)")
+    comp.add_argument("--nodes", type=int, default=3)
+    comp.add_argument("--out", default="docker-compose.yml")
+    comp.add_argument("--certs", help="also write a throwaway CA, server certificate and node keys here")
+    comp.set_defaults(func=cmd_compose)
 
     table = sub.add_parser("table", help="ACC/ASR of finished runs side by side (markdown)")
     table.add_argument("runs", nargs="+", help="run directories")

@@ -30,6 +30,8 @@ class ExperimentConfig:
 
     dataset: str
     num_clients: int
+    min_clients: int
+    round_timeout: float
     num_rounds: int
     local_epochs: int
     batch_size: int
@@ -117,6 +119,11 @@ class ExperimentConfig:
         return [n.strip() for n in self.post_defenses.split(",") if n.strip()]
 
     @property
+    def min_replies(self) -> int:
+        """Clients a round needs to go on: `min-clients`, or (0) half of num-clients, rounded up."""
+        return self.min_clients or -(-self.num_clients // 2)
+
+    @property
     def num_malicious(self) -> int:
         return int(round(self.mcr * self.num_clients))
 
@@ -155,6 +162,9 @@ class ExperimentConfig:
 
         _at_least("num-clients", self.num_clients, 1)
         _at_least("num-rounds", self.num_rounds, 1)
+        if not 0 <= self.min_clients <= self.num_clients:
+            raise ConfigError(f"min-clients={self.min_clients} is not allowed: 0 (auto: half) or 1..{self.num_clients}")
+        _positive("round-timeout", self.round_timeout)
         _at_least("local-epochs", self.local_epochs, 1)
         _at_least("batch-size", self.batch_size, 1)
         _positive("lr", self.lr)

@@ -9,6 +9,8 @@ started (also on Ctrl-C or error).
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +104,58 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A throwaway CA, the SuperLink's certificate and key, and the CA file for clients."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "superlink")) -> Tls:
+    """A self-signed CA and a server certificate for `hosts` (valid for one day)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flain throwaway CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    names = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    tls = Tls(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+    tls.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    tls.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tls.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                          serialization.NoEncryption()))
+    return tls
+
+
+def superlink_args(tls: Tls | None) -> list[str]:
+    """SuperLink flags beyond host/port: TLS files and SuperNode authentication, or --insecure."""
+    if tls is None:
+        return ["--insecure"]
+    return ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+            "--enable-supernode-auth"]
+
+
 class RunFailed(RuntimeError):
     """The Flower run ended in a state other than finished:completed."""
 
@@ -108,10 +163,10 @@ class RunFailed(RuntimeError):
 class SuperLink:
     """One SuperLink process on 127.0.0.1 and a `flwr` CLI configured to reach it."""
 
-    def __init__(self, workdir: Path, simulation: bool = True, extra_args: tuple[str, ...] = ()):
+    def __init__(self, workdir: Path, simulation: bool = True, tls: Tls | None = None):
         self.workdir = workdir
         self.simulation = simulation
-        self.extra_args = extra_args
+        self.tls = tls  # None: --insecure
         self.port = free_port()
         self.home = workdir / "flwr-home"
         self.log_path = workdir / "superlink.log"
@@ -136,12 +191,13 @@ class SuperLink:
 
     def start(self, timeout: float = 60.0) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        trust = f'root-certificates = "{self.tls.ca}"' if self.tls else "insecure = true"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{trust}\n'
         )
-        cmd = [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-               "--disable-runtime-dependency-installation", *self.extra_args]
+        cmd = [_bin("flower-superlink"), *superlink_args(self.tls), "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-runtime-dependency-installation"]
         if self.simulation:
             cmd.append("--simulation")
         log = self.log_path.open("ab")
@@ -238,10 +294,13 @@ def write_run_config(run_config: dict[str, Any], path: Path) -> Path:
 
 
 @contextmanager
-def private_superlink(simulation: bool = True, extra_args: tuple[str, ...] = ()) -> Iterator[SuperLink]:
-    """A started SuperLink in a temporary FLWR_HOME; everything is stopped on exit."""
+def private_superlink(simulation: bool = True, tls: bool = False) -> Iterator[SuperLink]:
+    """A started SuperLink in a temporary FLWR_HOME; everything is stopped on exit.
+
+    With `tls`: a throwaway CA and certificate, TLS on every API, SuperNode
+    authentication on (only registered node keys get in)."""
     workdir = Path(tempfile.mkdtemp(prefix="flain-"))
-    link = SuperLink(workdir, simulation=simulation, extra_args=extra_args)
+    link = SuperLink(workdir, simulation=simulation, tls=make_tls(workdir / "tls") if tls else None)
     try:
         link.start()
         yield link

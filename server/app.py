@@ -126,6 +126,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, spec: DatasetSpec, device: torch.dev
         grid=grid,
         initial_arrays=ArrayRecord(initial_state),
         num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
         evaluate_fn=evaluate,
     )
     summary = recorder.finish(client_failures=strategy.failures)

@@ -25,9 +25,10 @@ def wrap(base: type[Strategy]) -> type[Strategy]:
 
 
 def _common(cfg: Any, post_training: PostTrainingHook | None) -> dict[str, Any]:
-    n = cfg.num_clients
-    return dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
-                min_available_nodes=n, post_training=post_training)
+    # Every connected client trains (fraction 1); a round goes on while at least
+    # `min-clients` nodes are connected (nodes can die in a real deployment).
+    return dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_replies,
+                min_available_nodes=cfg.min_replies, post_training=post_training)
 
 
 def krum_f(cfg: Any) -> int:
