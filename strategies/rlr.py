@@ -26,9 +26,13 @@ def rlr_step(updates: np.ndarray, weights: np.ndarray, theta: float, eta: float)
 
 
 def default_theta(clients_per_round: int) -> int:
-    """RLR's threshold scaled to the round size: 0.4 x clients (4 of 10, as the RLR paper
-    uses for 10 agents), at least 1."""
-    return max(1, int(round(0.4 * clients_per_round)))
+    """RLR's threshold scaled to the round size: a strict majority, floor(m/2) + 1.
+
+    RLR only blocks a backdoor when theta exceeds the number of attackers in the round
+    (their signs alone must not reach it); the server does not know that number, and a
+    majority covers any attacker minority. Measured: theta = 4 of 10 (0.4 m) let the
+    default experiment's 4 attackers through (ASR 0.85 after 8 rounds)."""
+    return clients_per_round // 2 + 1
 
 
 class RobustLR(DeltaStrategy):

@@ -33,7 +33,7 @@ def test_rlr_step_is_lr_times_weighted_mean():
 
 
 def test_rlr_default_theta_scales_with_clients():
-    assert default_theta(10) == 4 and default_theta(20) == 8 and default_theta(1) == 1
+    assert default_theta(10) == 6 and default_theta(20) == 11 and default_theta(7) == 4 and default_theta(1) == 1
 
 
 def test_invariant_mask_and_step():
