@@ -38,6 +38,7 @@ def test_deploy_three_nodes_survives_a_dead_node(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiment.cli", "deploy", "--nodes", "3",
          "--set", "num-rounds=2", "--set", "train-fraction=0.02", "--set", "post-defenses='flain'",
+         "--set", "aggregation='median'",  # a Flower strategy through the whole real loop
          "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'"],
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
