@@ -29,7 +29,7 @@ def _partitions(dataset: str, data_dir: str, num: int, partition: str, alpha: fl
     return partition_indices(labels.numpy(), num, partition, alpha, seed)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=32)  # a Ray actor serves several clients each round (~5 MB each)
 def client_data(cfg: ExperimentConfig, partition_id: int) -> ClientData:
     """This client's training set; the same in every round (cached per process)."""
     if not 0 <= partition_id < cfg.num_clients:
