@@ -17,10 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 from attacks import malicious_clients, trigger_scheme
 from experiment.config import ExperimentConfig
 from experiment.data import DATASETS, DatasetSpec, load, split_test, to_float
-from models import build_model, pick_device
+from models import build_model, pick_device, resolve_precision
 from server.evaluation import Evaluator
 from server.results import RunRecorder, format_table
 from strategies import AGGREGATIONS, POST_DEFENSES
+from strategies.aggregation import krum_f, rlr_theta
 from strategies.post_training import PostTrainingInput
 
 app = ServerApp()
@@ -57,6 +58,13 @@ def main(grid: Grid, context: Context) -> None:
             "malicious_clients": sorted(malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed)),
             "device": str(device),
             "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+            # what the automatic (0 / -1 / auto) settings became in this run
+            "resolved": {
+                "min-clients": cfg.min_replies,
+                "rlr-theta": rlr_theta(cfg),
+                "krum-f": krum_f(cfg),
+                "precision (server device)": resolve_precision(cfg.precision, device),
+            },
         },
     )
     log(INFO, "Run directory: %s", run_dir.resolve())

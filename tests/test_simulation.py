@@ -56,6 +56,7 @@ def test_artifacts(small_run):
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["num-clients"] == 3 and config["seed"] == 42 and len(config["malicious_clients"]) == 1
+    assert config["aux-size"] == 200 and config["resolved"]["min-clients"] == 2 and config["resolved"]["rlr-theta"] == 2
 
     rows = list(csv.DictReader((run_dir / "rounds.csv").open()))
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
