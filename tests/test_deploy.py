@@ -3,13 +3,11 @@ compose file. Needs Fashion-MNIST in the project's data directory (`make setup`)
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from experiment.config import PROJECT_ROOT
