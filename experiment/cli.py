@@ -33,14 +33,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def resolve(overrides: dict[str, Any], name: str | None) -> ExperimentConfig:
     """Defaults + overrides, validated; data-dir and run-dir made absolute."""
-    run_config = default_run_config()
-    unknown = sorted(set(overrides) - set(run_config))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown}; allowed keys: {sorted(run_config)}")
-    run_config.update(overrides)
-    cfg = ExperimentConfig.from_run_config(run_config)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / (name or cfg.default_run_name())
-    return cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()), run_dir=str(run_dir.resolve()))
+    cfg = ExperimentConfig.from_run_config(default_run_config() | overrides)  # unknown keys fail here
+    return cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()), run_dir=str(cfg.run_path(name).resolve()))
 
 
 def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:

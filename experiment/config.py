@@ -127,11 +127,13 @@ class ExperimentConfig:
     def num_malicious(self) -> int:
         return int(round(self.mcr * self.num_clients))
 
-    def default_run_name(self) -> str:
+    def run_path(self, name: str | None = None) -> Path:
+        """`run-dir` as given, or runs/<name> (default: data set, split, attack, rule, seed, time)."""
+        if self.run_dir:
+            return Path(self.run_dir)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return (
-            f"{self.dataset}-{self.partition}-{self.trigger}-{self.aggregation}"
-            f"-s{self.seed}-{stamp}"
+        return Path("runs") / (
+            name or f"{self.dataset}-{self.partition}-{self.trigger}-{self.aggregation}-s{self.seed}-{stamp}"
         )
 
     # ---- validation ---------------------------------------------------------------

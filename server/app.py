@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import traceback
 from logging import ERROR, INFO
-from pathlib import Path
 
 import flwr
 import torch
@@ -27,11 +26,6 @@ from strategies.post_training import PostTrainingInput
 app = ServerApp()
 
 
-def resolve_run_dir(cfg: ExperimentConfig) -> Path:
-    """`run-dir` as given, or runs/<generated name> when empty."""
-    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.default_run_name()
-
-
 def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> None:
     """Fail clearly, instead of waiting forever, when fewer than num-clients nodes connect."""
     deadline = time.monotonic() + timeout
@@ -50,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = DATASETS[cfg.dataset]
     device = pick_device()
 
-    run_dir = resolve_run_dir(cfg)
+    run_dir = cfg.run_path()
     recorder = RunRecorder(
         run_dir,
         cfg.to_run_config() | {"run-dir": str(run_dir.resolve())},
