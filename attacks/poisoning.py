@@ -6,13 +6,14 @@ import numpy as np
 import torch
 
 from attacks.triggers import PixelTrigger
+from experiment import seeds
 
 
 def malicious_clients(num_clients: int, num_malicious: int, seed: int) -> frozenset[int]:
     """Partition ids of the malicious clients: a fixed random draw from the seed."""
     if not 0 <= num_malicious <= num_clients:
         raise ValueError(f"num_malicious={num_malicious} not in 0..{num_clients}")
-    rng = np.random.default_rng([seed, 0x4D41])  # own stream: independent of the split
+    rng = seeds.rng(seed, "attackers")  # own stream: independent of the split
     return frozenset(int(i) for i in rng.choice(num_clients, size=num_malicious, replace=False))
 
 
@@ -23,13 +24,13 @@ def poison(
     source: int,
     target: int,
     pdr: float,
-    seed: int,
+    rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stamp `trigger` on a share `pdr` of the images of label `source`, relabel them
     `target`. Returns new (images, labels, number poisoned); inputs are untouched."""
     candidates = np.flatnonzero(labels.numpy() == source)
     count = int(round(pdr * len(candidates)))
-    chosen = np.random.default_rng(seed).choice(candidates, size=count, replace=False)
+    chosen = rng.choice(candidates, size=count, replace=False)
     images, labels = images.clone(), labels.clone()
     if count:
         idx = torch.from_numpy(np.sort(chosen))

@@ -40,7 +40,7 @@ class PixelTrigger:
                 f"images are {tuple(images.shape[-2:])}"
             )
         out = images.clone()
-        out[..., torch.from_numpy(self.mask)] = round(self.value * 255) if out.dtype == torch.uint8 else self.value
+        out[..., torch.from_numpy(self.mask).to(out.device)] = round(self.value * 255) if out.dtype == torch.uint8 else self.value
         return out
 
     @property

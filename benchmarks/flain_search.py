@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client.training import train_local  # noqa: E402
 from experiment.data import load, split_test, to_float  # noqa: E402
 from models import build_model, split_at  # noqa: E402
-from strategies.flain import flain_search, flain_search_reference  # noqa: E402
-from strategies.tau import head_accuracy, tau_inputs  # noqa: E402
+from strategies.post_training.flain import flain_search, flain_search_reference  # noqa: E402
+from strategies.post_training.tau import head_accuracy, tau_inputs  # noqa: E402
 
 
 def main() -> None:

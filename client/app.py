@@ -7,8 +7,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client.training import client_data, input_ranks, train_local
+from experiment import seeds
 from experiment.config import ExperimentConfig
-from models import build_model, pick_device, resolve_precision
+from experiment.hardware import pick_device, training_precision
+from models import build_model
 
 app = ClientApp()
 
@@ -25,18 +27,17 @@ def train(msg: Message, context: Context) -> Message:
         )
     data = client_data(cfg, partition_id)
     server_round = int(msg.content["config"]["server-round"])
-    # Each (seed, round, client) draws its own batches and dropout masks.
-    torch.manual_seed(cfg.seed * 1_000_003 + server_round * 1009 + partition_id)
+    # Each (seed, round, client) draws its own batches and dropout masks (own streams).
+    torch.manual_seed(seeds.int_seed(cfg.seed, "dropout", server_round, partition_id))
+    batches = torch.Generator().manual_seed(seeds.int_seed(cfg.seed, "batches", server_round, partition_id))
 
     model = build_model(cfg.dataset)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     device = pick_device()
     model.to(device)
-    loss = train_local(
-        model, data.images, data.labels, cfg.local_epochs, cfg.batch_size, cfg.lr,
-        seed=cfg.seed * 7919 + server_round * 31 + partition_id,
-        precision=resolve_precision(cfg.precision, device),
-    )
+    precision, _ = training_precision(cfg, device, build_model)  # the server measured it: a cache hit
+    loss = train_local(model, data.images, data.labels, cfg.local_epochs, cfg.batch_size, cfg.lr,
+                       generator=batches, precision=precision)
     metrics = MetricRecord(
         {
             "num-examples": len(data.labels),

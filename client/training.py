@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from attacks import malicious_clients, poison, trigger_scheme
+from experiment import seeds
 from experiment.config import ExperimentConfig
-from experiment.data import DATASETS, load, partition_indices, subsample, to_float
-from models import autocast, split_at
+from experiment.data import load, partition_indices, subsample, to_float
+from experiment.hardware import autocast
+from models import split_at
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,16 @@ def client_data(cfg: ExperimentConfig, partition_id: int) -> ClientData:
         raise ValueError(f"partition-id={partition_id} not in 0..{cfg.num_clients - 1}")
     images, labels = load(cfg.dataset, cfg.data_dir, train=True)
     parts = _partitions(cfg.dataset, cfg.data_dir, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed)
-    idx = torch.from_numpy(subsample(parts[partition_id], cfg.train_fraction, cfg.seed + partition_id))
+    idx = torch.from_numpy(subsample(parts[partition_id], cfg.train_fraction,
+                                     seeds.rng(cfg.seed, "subsample", partition_id)))
     x, y = images[idx], labels[idx]
     attackers = sorted(malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed))
     malicious = partition_id in attackers
     poisoned = 0
     if malicious:  # DBA: the k-th attacker stamps part k of the pattern
-        trigger = trigger_scheme(cfg, *DATASETS[cfg.dataset].shape[1:]).for_client(attackers.index(partition_id))
-        x, y, poisoned = poison(x, y, trigger, cfg.source_label, cfg.target_label, cfg.pdr, cfg.seed + partition_id)
+        trigger = trigger_scheme(cfg).for_client(attackers.index(partition_id))
+        x, y, poisoned = poison(x, y, trigger, cfg.source_label, cfg.target_label, cfg.pdr,
+                                seeds.rng(cfg.seed, "poison", partition_id))
     return ClientData(x, y, malicious, poisoned)
 
 
@@ -54,17 +58,17 @@ def train_local(
     epochs: int,
     batch_size: int,
     lr: float,
-    seed: int,
+    generator: torch.Generator,
     precision: str = "fp32",
 ) -> float:
     """Adam (betas 0.9/0.999), cross-entropy; returns the mean loss of the last epoch.
 
-    Runs channels-last (same math, faster convolutions) under `precision` autocast."""
+    Batch order comes from `generator`; runs channels-last (same math, faster
+    convolutions) under `precision` autocast."""
     device = next(model.parameters()).device
     model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
     loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
     model.train()
     mean_loss = float("nan")
     for _ in range(epochs):

@@ -1,10 +1,14 @@
-"""One typed, validated configuration for a whole experiment.
+"""One typed configuration for a whole experiment, and the checks it can make alone.
 
-The defaults live in exactly one place, `[tool.flwr.app.config]` of pyproject.toml:
-Flower merges them into every run's `context.run_config`, and `default_run_config()`
-reads the same table for the CLI and the tests. `ExperimentConfig.from_run_config`
-turns those kebab-case keys into typed fields and rejects bad values before any
-training starts, naming the key, the value and what is allowed.
+The defaults are the field defaults below. Flower needs them once more, as
+`[tool.flwr.app.config]` in pyproject.toml (it merges that table into every run's
+`context.run_config`); a test keeps the two equal. Nothing here reads a file, so the
+configuration works the same from a source tree and from an installed wheel.
+
+This module imports nothing from the project. Checks that need a registry (is the data
+set known, does the trigger fit its images, is tau a Linear layer, can the aggregation
+rule work with these counts) live beside that registry; `server.checks` runs them all,
+from one place, before anything starts.
 """
 
 from __future__ import annotations
@@ -12,12 +16,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
@@ -28,80 +31,73 @@ class ConfigError(ValueError):
 class ExperimentConfig:
     """All settings of one run. Field `x_y` is run-config key `x-y`."""
 
-    dataset: str
-    num_clients: int
-    min_clients: int
-    round_timeout: float
-    num_rounds: int
-    local_epochs: int
-    batch_size: int
-    lr: float
-    partition: str
-    dirichlet_alpha: float
-    mcr: float
-    pdr: float
-    source_label: int
-    target_label: int
-    trigger: str
-    trigger_pixels: int
-    trigger_value: float
-    trigger_corner: str
-    trigger_margin: int
-    aggregation: str
-    rlr_theta: int
-    rlr_eta: float
-    krum_f: int
-    multikrum_m: int
-    trim_beta: float
-    invariant_threshold: float
-    invariant_beta: float
-    post_defenses: str
-    flain_step: float
-    flain_rho: float
-    flain_layer: str
-    aux_size: int
-    fedpruning_rate: float
-    fedpruning_extreme: float
-    fedpruning_finetune_rounds: int
-    train_fraction: float
-    precision: str
-    seed: int
-    data_dir: str
-    run_dir: str
+    dataset: str = "fmnist"
+    num_clients: int = 10
+    min_clients: int = 0  # 0: half of num-clients, rounded up
+    round_timeout: float = 600.0
+    num_rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 256
+    lr: float = 0.001
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    mcr: float = 0.4
+    pdr: float = 0.3
+    source_label: int = 0
+    target_label: int = 5
+    trigger: str = "cba"
+    trigger_pixels: int = 0
+    trigger_value: float = 1.0
+    trigger_corner: str = "bottom-right"
+    trigger_margin: int = 0
+    aggregation: str = "fedavg"
+    rlr_theta: int = 0  # 0: a strict majority of each round's replies
+    rlr_eta: float = 1.0
+    krum_f: int = -1  # -1: the true number of attackers
+    multikrum_m: int = 0
+    trim_beta: float = 0.2
+    invariant_threshold: float = 0.6
+    invariant_beta: float = 0.1
+    post_defenses: str = "flain"
+    flain_step: float = 0.001
+    flain_rho: float = 0.02
+    flain_layer: str = "auto"
+    aux_size: int = 0  # 0: the paper's size for the data set
+    fedpruning_rate: float = 0.0
+    fedpruning_extreme: float = 3.0
+    fedpruning_finetune_rounds: int = 0
+    train_fraction: float = 1.0
+    precision: str = "auto"
+    seed: int = 42
+    data_dir: str = "data"
+    run_dir: str = ""
 
     # ---- construction -------------------------------------------------------------
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
-        """Build and validate from Flower's run config (kebab-case keys)."""
+        """Build from Flower's run config (kebab-case keys; missing keys take their
+        defaults) and make the checks this module can make alone."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         known = {name.replace("_", "-") for name in fields}
         unknown = sorted(set(run_config) - known)
         if unknown:
+            hint = _closest(unknown[0], known)
             raise ConfigError(
-                f"unknown run-config key(s) {unknown}; allowed keys: {sorted(known)}"
+                f"unknown run-config key {unknown[0]!r}{hint}; allowed keys: {', '.join(sorted(known))}"
             )
-        missing = sorted(known - set(run_config))
-        if missing:
-            raise ConfigError(f"missing run-config key(s) {missing}")
         values = {}
         for name, field in fields.items():
             key = name.replace("_", "-")
-            values[name] = _coerce(key, run_config[key], field.type)
-        from experiment.data import DATASETS
-
-        if values["aux_size"] == 0 and values["dataset"] in DATASETS:  # 0: the paper's size
-            values["aux_size"] = DATASETS[values["dataset"]].aux_size
+            if key in run_config:
+                values[name] = _coerce(key, run_config[key], field.type)
         config = cls(**values)
         config.validate()
         return config
 
     @classmethod
     def defaults(cls, **overrides: Any) -> ExperimentConfig:
-        """The pyproject defaults, with snake_case overrides (handy in code and tests)."""
-        run_config = default_run_config()
-        for name, value in overrides.items():
-            run_config[name.replace("_", "-")] = value
-        return cls.from_run_config(run_config)
+        """The defaults with snake_case overrides (handy in code and tests)."""
+        return cls.from_run_config({k.replace("_", "-"): v for k, v in overrides.items()})
 
     def to_run_config(self) -> dict[str, Any]:
         """Kebab-case mapping, as written to config.json and passed to Flower."""
@@ -125,7 +121,9 @@ class ExperimentConfig:
 
     @property
     def num_malicious(self) -> int:
-        return int(round(self.mcr * self.num_clients))
+        """round(mcr * num-clients), halves rounded up, computed exactly on the decimal
+        mcr: 0.4/0.5/0.6 of 10 give 4/5/6, of 20 give 8/10/12; 0.25 of 10 gives 3."""
+        return int(Fraction(str(self.mcr)) * self.num_clients + Fraction(1, 2))
 
     def run_path(self, name: str | None = None) -> Path:
         """`run-dir` as given, or runs/<name> (default: data set, split, attack, rule, seed, time)."""
@@ -136,105 +134,63 @@ class ExperimentConfig:
             name or f"{self.dataset}-{self.partition}-{self.trigger}-{self.aggregation}-s{self.seed}-{stamp}"
         )
 
-    # ---- validation ---------------------------------------------------------------
+    # ---- the checks that need no registry ---------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key, its value and what is allowed."""
-        # Imported here: the registries import modules that import this one.
-        from attacks import CORNERS, PIXEL_COUNTS, TRIGGERS
-        from experiment.data import DATASETS
-        from models import PRECISIONS
-        from strategies import AGGREGATIONS, POST_DEFENSES
-
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("partition", self.partition, ("iid", "dirichlet"))
-        _choice("trigger", self.trigger, TRIGGERS)
-        _choice("trigger-corner", self.trigger_corner, CORNERS)
-        if self.trigger_pixels not in (0, *PIXEL_COUNTS):
-            raise ConfigError(f"trigger-pixels={self.trigger_pixels} is not allowed: 0 (the default pattern) or one of {list(PIXEL_COUNTS)}")
-        if self.trigger_pixels and self.trigger != "cba":
-            raise ConfigError(f"trigger-pixels={self.trigger_pixels} applies to trigger='cba' only, not {self.trigger!r}")
-        _unit_interval("trigger-value", self.trigger_value, low_open=True)
-        _at_least("trigger-margin", self.trigger_margin, 0)
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
-        _choice("precision", self.precision, PRECISIONS)
-        for name in self.post_defense_names:
-            _choice("post-defenses", name, POST_DEFENSES)
-        if len(set(self.post_defense_names)) != len(self.post_defense_names):
-            raise ConfigError(f"post-defenses={self.post_defenses!r} names a defense twice")
-
-        _at_least("num-clients", self.num_clients, 1)
-        _at_least("num-rounds", self.num_rounds, 1)
+        at_least("num-clients", self.num_clients, 1)
+        at_least("num-rounds", self.num_rounds, 1)
         if not 0 <= self.min_clients <= self.num_clients:
-            raise ConfigError(f"min-clients={self.min_clients} is not allowed: 0 (auto: half) or 1..{self.num_clients}")
-        _positive("round-timeout", self.round_timeout)
-        _at_least("local-epochs", self.local_epochs, 1)
-        _at_least("batch-size", self.batch_size, 1)
-        _positive("lr", self.lr)
-        _positive("dirichlet-alpha", self.dirichlet_alpha)
-        _unit_interval("mcr", self.mcr, low_open=False)
-        _unit_interval("pdr", self.pdr, low_open=False)
-        _unit_interval("train-fraction", self.train_fraction, low_open=True)
-        _positive("flain-step", self.flain_step)
-        _unit_interval("flain-rho", self.flain_rho, low_open=True)
-        _at_least("aux-size", self.aux_size, 1)
-        _positive("rlr-eta", self.rlr_eta)
-        _at_least("rlr-theta", self.rlr_theta, 0)
-        _at_least("krum-f", self.krum_f, -1)
-        if not 0 <= self.trim_beta < 0.5:
-            raise ConfigError(f"trim-beta={self.trim_beta} is not allowed: must satisfy 0 <= value < 0.5")
-        if not 0 <= self.invariant_beta < 0.5:
-            raise ConfigError(f"invariant-beta={self.invariant_beta} is not allowed: must satisfy 0 <= value < 0.5")
-        _unit_interval("invariant-threshold", self.invariant_threshold, low_open=False)
-        if not 0 <= self.fedpruning_rate < 1:
-            raise ConfigError(f"fedpruning-rate={self.fedpruning_rate} is not allowed: 0 (adaptive) or 0 < value < 1")
-        if self.fedpruning_extreme < 0:
-            raise ConfigError(f"fedpruning-extreme={self.fedpruning_extreme} is not allowed: must be >= 0 (0 = off)")
-        _at_least("fedpruning-finetune-rounds", self.fedpruning_finetune_rounds, 0)
-        from strategies.aggregation import check
-
-        if (problem := check(self)) is not None:
-            raise ConfigError(problem)
-
-        spec = DATASETS[self.dataset]
-        for key, label in (("source-label", self.source_label), ("target-label", self.target_label)):
-            if not 0 <= label < spec.num_classes:
-                raise ConfigError(
-                    f"{key}={label} is not a class of {self.dataset}: "
-                    f"allowed 0..{spec.num_classes - 1}"
-                )
+            raise ConfigError(
+                f"min-clients={self.min_clients} is not allowed: 0 (auto: half) or 1..{self.num_clients}"
+            )
+        positive("round-timeout", self.round_timeout)
+        at_least("local-epochs", self.local_epochs, 1)
+        at_least("batch-size", self.batch_size, 1)
+        positive("lr", self.lr)
+        positive("dirichlet-alpha", self.dirichlet_alpha)
+        unit_interval("mcr", self.mcr, low_open=False)
+        unit_interval("pdr", self.pdr, low_open=False)
+        unit_interval("train-fraction", self.train_fraction, low_open=True)
+        unit_interval("trigger-value", self.trigger_value, low_open=True)
+        at_least("trigger-margin", self.trigger_margin, 0)
         if self.source_label == self.target_label:
             raise ConfigError(
                 f"source-label={self.source_label} equals target-label={self.target_label}; "
                 "the backdoor must change the label"
             )
-        from attacks import trigger_scheme
-
-        try:
-            trigger_scheme(self, *spec.shape[1:])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.aux_size >= spec.test_size:
-            raise ConfigError(
-                f"aux-size={self.aux_size} leaves no test images: must be < {spec.test_size}"
-            )
-        from models import build_model, resolve_tau
-
-        try:
-            resolve_tau(build_model(self.dataset), self.flain_layer)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        positive("flain-step", self.flain_step)
+        unit_interval("flain-rho", self.flain_rho, low_open=True)
+        if self.aux_size < 0:
+            raise ConfigError(f"aux-size={self.aux_size} is not allowed: 0 (the paper's size) or a positive count")
+        positive("rlr-eta", self.rlr_eta)
+        at_least("rlr-theta", self.rlr_theta, 0)
+        at_least("krum-f", self.krum_f, -1)
+        at_least("multikrum-m", self.multikrum_m, 0)
+        if not 0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"trim-beta={self.trim_beta} is not allowed: must satisfy 0 <= value < 0.5")
+        if not 0 <= self.invariant_beta < 0.5:
+            raise ConfigError(f"invariant-beta={self.invariant_beta} is not allowed: must satisfy 0 <= value < 0.5")
+        unit_interval("invariant-threshold", self.invariant_threshold, low_open=False)
+        if not 0 <= self.fedpruning_rate < 1:
+            raise ConfigError(f"fedpruning-rate={self.fedpruning_rate} is not allowed: 0 (adaptive) or 0 < value < 1")
+        if self.fedpruning_extreme < 0:
+            raise ConfigError(f"fedpruning-extreme={self.fedpruning_extreme} is not allowed: must be >= 0 (0 = off)")
+        at_least("fedpruning-finetune-rounds", self.fedpruning_finetune_rounds, 0)
+        names = self.post_defense_names
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"post-defenses={self.post_defenses!r} names {twice} twice: give each defense once")
+        at_least("seed", self.seed, 0)
         if not self.data_dir:
             raise ConfigError("data-dir='' is empty: give a directory for the data sets")
 
 
-def default_run_config(pyproject: Path | None = None) -> dict[str, Any]:
-    """The `[tool.flwr.app.config]` table of pyproject.toml (the only defaults)."""
-    path = pyproject or PROJECT_ROOT / "pyproject.toml"
-    with path.open("rb") as f:
-        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+def default_run_config() -> dict[str, Any]:
+    """Every key with its default (kebab-case), as Flower's run config holds them."""
+    return ExperimentConfig().to_run_config()
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     """Parse `key=value` strings with TOML value rules, as `flwr run --run-config` does."""
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -243,45 +199,56 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {pair!r} is not of the form key=value")
         key = key.strip()
         try:
-            out[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key] = raw.strip()  # bare words are strings: trigger=cba
+            value = raw.strip()  # bare words are strings: trigger=cba
+        if key in out:
+            raise ConfigError(f"{key} is given twice ({out[key]!r} and {value!r}): give each key once")
+        out[key] = value
     return out
 
 
-# ---- small checks -----------------------------------------------------------------
-def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    type_name = type_name if isinstance(type_name, str) else type_name.__name__
-    if type_name == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        return value
-    if type_name == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}={value!r} must be a string")
-    return value
-
-
-def _choice(key: str, value: str, allowed: Mapping[str, Any] | tuple[str, ...]) -> None:
+# ---- small checks, shared with the registries' own checks ------------------------------
+def choice(key: str, value: str, allowed: Iterable[str]) -> None:
+    allowed = sorted(allowed)
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {sorted(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {allowed}")
 
 
-def _at_least(key: str, value: int, low: int) -> None:
+def at_least(key: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{key}={value} is not allowed: must be an integer >= {low}")
 
 
-def _positive(key: str, value: float) -> None:
+def positive(key: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{key}={value} is not allowed: must be > 0")
 
 
-def _unit_interval(key: str, value: float, low_open: bool) -> None:
+def unit_interval(key: str, value: float, low_open: bool) -> None:
     ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
     if not ok:
         bound = "0 < value <= 1" if low_open else "0 <= value <= 1"
         raise ConfigError(f"{key}={value} is not allowed: must satisfy {bound}")
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    if type_name == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} is not allowed: must be an integer")
+        return value
+    if type_name == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} is not allowed: must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} is not allowed: must be a string")
+    return value
+
+
+def _closest(key: str, known: set[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from experiment import seeds
+from experiment.config import ConfigError, ExperimentConfig, choice
+
 # Offline source: Debian's `dataset-fashion-mnist` package.
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -271,6 +274,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 # ---- partitions and splits ----------------------------------------------------------
+PARTITIONS = ("iid", "dirichlet")
+
+
 def partition_indices(
     labels: np.ndarray, num_partitions: int, partition: str, alpha: float, seed: int
 ) -> list[np.ndarray]:
@@ -282,14 +288,15 @@ def partition_indices(
     order = np.arange(len(labels))
     if partition == "iid":
         # IidPartitioner takes contiguous shards; shuffle first as FederatedDataset does.
-        order = np.random.default_rng(seed).permutation(len(labels))
+        order = seeds.rng(seed, "partition").permutation(len(labels))
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif partition == "dirichlet":
         partitioner = DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            seed=seeds.int_seed(seed, "partition") % 2**32,
         )
     else:
-        raise ValueError(f"partition={partition!r}: choose 'iid' or 'dirichlet'")
+        raise ValueError(f"partition={partition!r}: choose one of {list(PARTITIONS)}")
     partitioner.dataset = Dataset.from_dict({"label": labels[order], "idx": order})
     try:
         return [
@@ -303,12 +310,11 @@ def partition_indices(
         ) from exc
 
 
-def subsample(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def subsample(indices: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """A fixed random share of `indices` (train-fraction, for quick tries)."""
     if fraction >= 1.0:
         return indices
     keep = max(1, int(round(fraction * len(indices))))
-    rng = np.random.default_rng(seed)
     return np.sort(rng.choice(indices, size=keep, replace=False))
 
 
@@ -318,5 +324,32 @@ def split_test(test_size: int, aux_size: int, seed: int) -> tuple[np.ndarray, np
     The server's clean auxiliary set is drawn from the test split; ACC and ASR are
     measured only on the rest, so the defense never sees an image it is scored on.
     """
-    order = np.random.default_rng(seed).permutation(test_size)
+    order = seeds.rng(seed, "aux-split").permutation(test_size)
     return np.sort(order[:aux_size]), np.sort(order[aux_size:])
+
+
+def aux_size(cfg: ExperimentConfig) -> int:
+    """`aux-size`, or (0) the paper's size for the data set."""
+    return cfg.aux_size or DATASETS[cfg.dataset].aux_size
+
+
+def check(cfg: ExperimentConfig) -> None:
+    """The data set, the split and the labels can work (raises ConfigError)."""
+    choice("dataset", cfg.dataset, DATASETS)
+    choice("partition", cfg.partition, PARTITIONS)
+    spec = DATASETS[cfg.dataset]
+    for key, label in (("source-label", cfg.source_label), ("target-label", cfg.target_label)):
+        if not 0 <= label < spec.num_classes:
+            raise ConfigError(f"{key}={label} is not a class of {cfg.dataset}: allowed 0..{spec.num_classes - 1}")
+    if aux_size(cfg) >= spec.test_size:
+        raise ConfigError(
+            f"aux-size={cfg.aux_size} leaves no test images to score on: allowed 0 (the paper's "
+            f"{spec.aux_size}) or 1..{spec.test_size - 1} ({cfg.dataset} has {spec.test_size} test images)"
+        )
+    per_client = spec.train_size * cfg.train_fraction / cfg.num_clients
+    if per_client < 1:
+        raise ConfigError(
+            f"num-clients={cfg.num_clients} with train-fraction={cfg.train_fraction} leaves clients without "
+            f"data ({spec.train_size} {cfg.dataset} training images): allowed num-clients <= "
+            f"{int(spec.train_size * cfg.train_fraction)}"
+        )

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from experiment.config import ConfigError, ExperimentConfig
+from experiment.data import DATASETS
 
 
 class Standardize(nn.Module):
@@ -124,8 +126,6 @@ MODELS: dict[str, Callable[[int, Stats], nn.Sequential]] = {
 
 def build_model(dataset: str) -> nn.Sequential:
     """The paper's network for `dataset`, standardizing with its statistics."""
-    from experiment.data import DATASETS
-
     if dataset not in MODELS:
         raise KeyError(f"no model for dataset {dataset!r}; known: {sorted(MODELS)}")
     spec = DATASETS[dataset]
@@ -159,35 +159,9 @@ def split_at(model: nn.Sequential, layer: str) -> tuple[nn.Sequential, nn.Sequen
     return model[:i], model[i:]
 
 
-def pick_device() -> torch.device:
-    """CUDA when this process sees a GPU, else CPU (decided at run time, never fixed)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """bf16 matrix units: a CUDA GPU that supports bf16, or a CPU with AMX / AVX512-BF16."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+def check(cfg: ExperimentConfig) -> None:
+    """`flain-layer` names a Linear layer of the data set's model (raises ConfigError)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where the hardware has fast bf16, else 'fp32'."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: choose one of {list(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if has_fast_bf16(device) else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """Mixed precision for training: bf16 matmuls/convs, fp32 weights and optimizer state
-    (about 4x faster on a CPU with AMX). 'fp32' disables it."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        resolve_tau(build_model(cfg.dataset), cfg.flain_layer)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

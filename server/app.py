@@ -1,5 +1,12 @@
-"""ServerApp: federated training with central ACC/ASR evaluation, then post-training
-defenses on the final model, all written to the run directory."""
+"""ServerApp: federated training with central ACC/ASR evaluation, then the post-training
+defenses on the final model, all written to the run directory.
+
+Flow: check the configuration -> load the test split (aux set + eval set) -> build the
+aggregation rule from its registry -> `strategy.start()` runs the rounds (each evaluated
+centrally) -> with W0 and the final arrays in hand, apply every post-training defense to
+the same trained model -> summary.json says `completed`, or `defense-failed` naming the
+defenses that raised (their siblings' results are still written).
+"""
 
 from __future__ import annotations
 
@@ -15,15 +22,21 @@ from flwr.serverapp import Grid, ServerApp
 
 from attacks import malicious_clients, trigger_scheme
 from experiment.config import ExperimentConfig
-from experiment.data import DATASETS, DatasetSpec, load, split_test, to_float
-from models import build_model, pick_device, resolve_precision
+from experiment.data import DATASETS, aux_size, load, split_test, to_float
+from experiment.hardware import pick_device, training_precision
+from experiment.seeds import int_seed
+from models import build_model
+from server.checks import check_experiment, resolved_settings
 from server.evaluation import Evaluator
-from server.results import RunRecorder, format_table
+from server.results import RunRecorder
 from strategies import AGGREGATIONS, POST_DEFENSES
-from strategies.aggregation import krum_f, rlr_theta
 from strategies.post_training import PostTrainingInput
 
 app = ServerApp()
+
+
+class TrainingProducedNoModel(RuntimeError):
+    """No round aggregated a single client reply."""
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> None:
@@ -40,10 +53,10 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = ExperimentConfig.from_run_config(context.run_config)  # bad values stop here
-    spec = DATASETS[cfg.dataset]
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    check_experiment(cfg)  # bad values stop here, before anything is written
     device = pick_device()
-
+    precision, how = training_precision(cfg, device, build_model)  # measured once, then cached for the clients
     run_dir = cfg.run_path()
     recorder = RunRecorder(
         run_dir,
@@ -52,40 +65,30 @@ def main(grid: Grid, context: Context) -> None:
             "malicious_clients": sorted(malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed)),
             "device": str(device),
             "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
-            # what the automatic (0 / -1 / auto) settings became in this run
-            "resolved": {
-                "min-clients": cfg.min_replies,
-                "rlr-theta": rlr_theta(cfg),
-                "krum-f": krum_f(cfg),
-                "precision (server device)": resolve_precision(cfg.precision, device),
-            },
+            "resolved": resolved_settings(cfg) | {"precision": precision, "precision-choice": how},
         },
     )
     log(INFO, "Run directory: %s", run_dir.resolve())
+    log(INFO, "[flain] training precision: %s (%s)", precision, how)
     try:
-        _run(grid, cfg, spec, device, recorder)
+        _run(grid, cfg, device, recorder)
     except BaseException as exc:
         recorder.fail(f"{type(exc).__name__}: {exc}")
         log(INFO, "Run failed:\n%s", traceback.format_exc())
         raise
 
 
-def _run(grid: Grid, cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, recorder: RunRecorder) -> None:
+def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunRecorder) -> None:
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    aux_idx, eval_idx = split_test(len(labels), cfg.aux_size, cfg.seed)
-    aux_x, aux_y = images[aux_idx], labels[aux_idx]
+    aux_idx, eval_idx = split_test(len(labels), aux_size(cfg), cfg.seed)
     evaluator = Evaluator(  # ASR always with the whole pattern (DBA: all parts together)
         build_model(cfg.dataset).to(device),
-        images[eval_idx], labels[eval_idx], trigger_scheme(cfg, *spec.shape[1:]).full,
-        cfg.source_label, cfg.target_label,
+        images[eval_idx], labels[eval_idx], trigger_scheme(cfg).full, cfg.source_label, cfg.target_label,
     )
-    defenses = {name: POST_DEFENSES[name](cfg) for name in cfg.post_defense_names}
-
-    torch.manual_seed(cfg.seed)  # the initial global model depends on the seed only
+    torch.manual_seed(int_seed(cfg.seed, "init"))  # the initial global model depends on the seed only
     model = build_model(cfg.dataset)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     recorder.save_model("initial", initial_state)
-
     clock = {"t": time.perf_counter()}
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
@@ -96,40 +99,45 @@ def _run(grid: Grid, cfg: ExperimentConfig, spec: DatasetSpec, device: torch.dev
         clock["t"] = time.perf_counter()
         return MetricRecord(m)
 
-    def post_training(grid: Grid, initial: ArrayRecord, final: ArrayRecord) -> None:
-        final_state = final.to_torch_state_dict()
-        recorder.save_model("final", final_state)
-        trained = build_model(cfg.dataset).to(device)
-        trained.load_state_dict(final_state)
-        inp = PostTrainingInput(
-            model=trained, initial_state=initial.to_torch_state_dict(),
-            aux_images=to_float(aux_x), aux_labels=aux_y,
-            grid=grid, strategy=strategy, last_round=cfg.num_rounds,
-        )
-        for name, defense in defenses.items():  # side by side, each on the same final model
-            started = time.perf_counter()
-            try:
-                state, info = defense.apply(inp)
-            except Exception as exc:  # one broken defense must not cost the others
-                log(ERROR, "post-defense %s failed:\n%s", name, traceback.format_exc())
-                recorder.post_defense(name, {"error": f"{type(exc).__name__}: {exc}"})
-                continue
-            seconds = time.perf_counter() - started
-            m = evaluator(state)
-            recorder.save_model(name, state)
-            recorder.post_defense(name, {**m, "seconds": seconds, **info})
-            log(INFO, "[flain] post-defense %s: acc=%.4f asr=%.4f (%.1fs) %s", name, m["acc"], m["asr"], seconds, info)
-
     wait_for_nodes(grid, cfg.num_clients)
-    # BatchNorm buffers are statistics, not learned: update-based rules must not flip them
+    # BatchNorm buffers are statistics, not learned: update-based rules must not flip them.
+    # Clients send the whole state_dict (parameters and buffers); see models/__init__.py.
     buffers = frozenset(name for name, _ in model.named_buffers())
-    strategy = AGGREGATIONS[cfg.aggregation](cfg, post_training, buffers)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial_state),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout,
-        evaluate_fn=evaluate,
-    )
-    summary = recorder.finish(client_failures=strategy.failures)
-    log(INFO, "[flain] results\n%s", format_table(summary))
+    strategy = AGGREGATIONS[cfg.aggregation](cfg, buffers)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=cfg.num_rounds,
+                            timeout=cfg.round_timeout, evaluate_fn=evaluate)
+    if not result.arrays:
+        raise TrainingProducedNoModel("no round produced an aggregated model: every client failed or was refused")
+    final_state = result.arrays.to_torch_state_dict()
+    recorder.save_model("final", final_state)
+
+    images_aux = to_float(images[aux_idx])
+    trained = build_model(cfg.dataset).to(device)
+    trained.load_state_dict(final_state)
+    inp = PostTrainingInput(model=trained, initial_state=initial_state, aux_images=images_aux,
+                            aux_labels=labels[aux_idx], grid=grid, strategy=strategy, last_round=cfg.num_rounds)
+    failed = apply_post_defenses(cfg, inp, evaluator, recorder)
+    recorder.finish(client_failures=getattr(strategy, "failures", []), failed_defenses=failed)
+
+
+def apply_post_defenses(cfg: ExperimentConfig, inp: PostTrainingInput, evaluator: Evaluator,
+                        recorder: RunRecorder) -> list[str]:
+    """Every configured defense on the same trained model, side by side; the names of
+    those that failed (a broken defense must not cost the others their results)."""
+    failed = []
+    for name in cfg.post_defense_names:
+        started = time.perf_counter()
+        try:
+            state, info = POST_DEFENSES[name](cfg).apply(inp)
+        except Exception as exc:
+            log(ERROR, "[flain] post-defense %s FAILED:\n%s", name, traceback.format_exc())
+            recorder.post_defense(name, {"error": f"{type(exc).__name__}: {exc}"})
+            failed.append(name)
+            continue
+        seconds = time.perf_counter() - started
+        m = evaluator(state)
+        recorder.save_model(name, state)
+        recorder.post_defense(name, {**m, "seconds": seconds, **info})
+        log(INFO, "[flain] post-defense %s: acc=%.4f asr=%.4f (%.1fs) %s", name, m["acc"], m["asr"], seconds, info)
+    return failed
+

@@ -1,4 +1,7 @@
-"""The run directory: config.json, rounds.csv, models (*.pt), summary.json, plot.png."""
+"""The run directory: config.json, rounds.csv, models (*.pt), summary.json, plot.png.
+
+summary.json's `status`: running -> completed | defense-failed (training finished, a
+post-training defense raised: `failed_defenses` names it) | failed (`error` says why)."""
 
 from __future__ import annotations
 
@@ -44,9 +47,10 @@ class RunRecorder:
         self.summary["post_defenses"][name] = result
         self._write_summary()
 
-    def finish(self, **extra: Any) -> dict[str, Any]:
-        self.summary.update(extra)
-        self.summary["status"] = "completed"
+    def finish(self, client_failures: list[dict[str, Any]], failed_defenses: list[str]) -> dict[str, Any]:
+        """Training completed; `defense-failed` if a post-training defense raised."""
+        self.summary.update(client_failures=client_failures, failed_defenses=failed_defenses)
+        self.summary["status"] = "defense-failed" if failed_defenses else "completed"
         self.summary["seconds_total"] = time.perf_counter() - self.started
         self._write_summary()
         plot(self.rounds, self.summary["post_defenses"], self.dir / "plot.png")
@@ -89,49 +93,3 @@ def plot(rounds: list[dict[str, float]], defenses: dict[str, dict[str, Any]], pa
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The results table printed by `flain run`."""
-    rows = [("no-Defense", summary["final"]["acc"], summary["final"]["asr"], "")]
-    for name, res in summary.get("post_defenses", {}).items():
-        if "error" in res:
-            rows.append((name, float("nan"), float("nan"), f"FAILED: {res['error']}"))
-            continue
-        note = ""
-        if "flipped" in res:
-            note = f"lambda={res['threshold']:.4f} flipped={res['flipped']}/{res.get('inputs', '?')}"
-            note += " (all flipped)" if res.get("exhausted") else ""
-        elif "pruned" in res:
-            note = f"pruned={res['pruned']}/{res.get('inputs', '?')}"
-        rows.append((name, res["acc"], res["asr"], note))
-    lines = [f"{'defense':<12} {'ACC':>7} {'ASR':>7}  notes", "-" * 60]
-    lines += [f"{n:<12} {a:7.4f} {s:7.4f}  {note}" for n, a, s, note in rows]
-    return "\n".join(lines)
-
-
-_RULE_NAMES = {"fedavg": "no-Defense", "rlr": "RLR"}  # the paper's row names
-_DEFENSE_NAMES = {"flain": "FLAIN", "pruning": "Pruning", "fedpruning": "FedPruning"}
-
-
-def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]:
-    """(run, defense, ACC, ASR) for every run directory: the trained model under its
-    aggregation rule, then each post-training defense applied to it (the paper's rows:
-    FedAvg = no-Defense, FedAvg + FLAIN = FLAIN, RLR = RLR, ...)."""
-    rows = []
-    for run_dir in run_dirs:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rule = json.loads((run_dir / "config.json").read_text())["aggregation"]
-        base = _RULE_NAMES.get(rule, rule)
-        rows.append((run_dir.name, base, summary["final"]["acc"], summary["final"]["asr"]))
-        for name, res in summary.get("post_defenses", {}).items():
-            if "acc" in res:
-                label = _DEFENSE_NAMES.get(name, name)
-                rows.append((run_dir.name, label if rule == "fedavg" else f"{base} + {label}", res["acc"], res["asr"]))
-    return rows
-
-
-def markdown_table(rows: list[tuple[str, str, float, float]]) -> str:
-    lines = ["| run | defense | ASR | ACC |", "| --- | --- | --- | --- |"]
-    lines += [f"| {run} | {label} | {asr:.3f} | {acc:.3f} |" for run, label, acc, asr in rows]
-    return "\n".join(lines)

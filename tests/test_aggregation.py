@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from experiment.config import ConfigError, ExperimentConfig
-from strategies.delta import aggregate_buffer
-from strategies.fedpruning import aggregate_ranks, clip_extremes
-from strategies.invariant import invariant_step, sign_agreement_mask
-from strategies.pruning import prune_columns
-from strategies.rlr import default_theta, rlr_step, robust_learning_rate
+from server.checks import check_experiment
+from strategies.aggregation.delta import aggregate_buffer
+from strategies.post_training.fedpruning import aggregate_ranks, clip_extremes
+from strategies.aggregation.invariant import invariant_step, sign_agreement_mask
+from strategies.post_training.pruning import prune_columns
+from strategies.aggregation.rlr import default_theta, rlr_step, robust_learning_rate
 
 # 3 clients x 4 coordinates
 U = np.array([
@@ -78,8 +79,8 @@ def test_fedpruning_rank_aggregation_and_extremes():
     "changes,fragment",
     [
         ({"aggregation": "rlr", "rlr_theta": 11}, "rlr-theta=11"),
-        ({"aggregation": "krum", "krum_f": 8}, "krum needs"),
-        ({"aggregation": "bulyan"}, "bulyan needs"),
+        ({"aggregation": "krum", "krum_f": 8}, "needs num-clients >= krum-f + 3"),
+        ({"aggregation": "bulyan"}, "needs num-clients >= 4*krum-f + 3"),
         ({"aggregation": "multikrum", "multikrum_m": 20}, "multikrum-m=20"),
         ({"trim_beta": 0.5}, "trim-beta=0.5"),
         ({"post_defenses": "flain,prune"}, "post-defenses='prune'"),
@@ -87,11 +88,11 @@ def test_fedpruning_rank_aggregation_and_extremes():
 )
 def test_impossible_rule_settings_fail_before_training(changes, fragment):
     with pytest.raises(ConfigError) as err:
-        ExperimentConfig.defaults(**changes)
+        check_experiment(ExperimentConfig.defaults(**changes))
     assert fragment in str(err.value)
 
 
 def test_possible_rule_settings_validate():
     for agg in ("fedavg", "rlr", "krum", "multikrum", "trimmed-mean", "median", "invariant"):
-        ExperimentConfig.defaults(aggregation=agg)
-    ExperimentConfig.defaults(aggregation="bulyan", krum_f=1)
+        check_experiment(ExperimentConfig.defaults(aggregation=agg))
+    check_experiment(ExperimentConfig.defaults(aggregation="bulyan", krum_f=1))

@@ -93,7 +93,7 @@ def test_poisoning_rate_and_relabel(pdr):
     original = labels.clone()
     images = torch.zeros(1000, 1, 28, 28, dtype=torch.uint8)
     trig = cba(28, 28).full
-    px, py, count = poison(images, labels, trig, source=0, target=5, pdr=pdr, seed=3)
+    px, py, count = poison(images, labels, trig, source=0, target=5, pdr=pdr, rng=np.random.default_rng(3))
     n_source = int((labels == 0).sum())
     assert count == round(pdr * n_source)
     changed = (py != labels).nonzero().flatten()

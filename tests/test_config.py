@@ -1,27 +1,38 @@
-"""Configuration: pyproject defaults are the fields; bad values fail before training."""
+"""Configuration: typed defaults equal Flower's table; every bad value fails before training
+with one line naming the key, the value and what is allowed."""
 
 import dataclasses
+import json
+import subprocess
+import sys
+import tomllib
 
 import pytest
 
-from experiment.cli import main
 from experiment.config import ConfigError, ExperimentConfig, default_run_config, parse_overrides
+from experiment.data import aux_size
+from launch.cli import main
+from launch.superlink import SOURCE_ROOT
+from server.checks import check_experiment
 
 
-def test_pyproject_defaults_match_fields_and_validate():
-    keys = set(default_run_config())
+def test_pyproject_table_equals_the_typed_defaults():
+    with (SOURCE_ROOT / "pyproject.toml").open("rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    assert table == default_run_config()  # Flower's defaults are the dataclass's
     fields = {f.name.replace("_", "-") for f in dataclasses.fields(ExperimentConfig)}
-    assert keys == fields
+    assert set(table) == fields
     cfg = ExperimentConfig.defaults()
+    check_experiment(cfg)
     assert cfg.dataset == "fmnist" and cfg.post_defense_names == ["flain"]
-    assert cfg.to_run_config() == default_run_config() | {"aux-size": 200}  # 0 = the paper's size
+    assert cfg.to_run_config() == table
 
 
 def test_aux_size_default_per_dataset():
-    assert ExperimentConfig.defaults(dataset="mnist").aux_size == 200
-    assert ExperimentConfig.defaults(dataset="cifar10").aux_size == 600
-    assert ExperimentConfig.defaults(dataset="emnist", source_label=10, target_label=20).aux_size == 200
-    assert ExperimentConfig.defaults(aux_size=50).aux_size == 50
+    assert aux_size(ExperimentConfig.defaults(dataset="mnist")) == 200
+    assert aux_size(ExperimentConfig.defaults(dataset="cifar10")) == 600
+    assert aux_size(ExperimentConfig.defaults(dataset="emnist", source_label=10, target_label=20)) == 200
+    assert aux_size(ExperimentConfig.defaults(aux_size=50)) == 50
 
 
 @pytest.mark.parametrize(
@@ -34,7 +45,7 @@ def test_aux_size_default_per_dataset():
         ("post-defenses", "flain,nope", "post-defenses='nope'"),
         ("post-defenses", "flain,flain", "twice"),
         ("num-clients", 0, "num-clients=0"),
-        ("num-rounds", 2.5, "num-rounds=2.5 must be an integer"),
+        ("num-rounds", 2.5, "num-rounds=2.5 is not allowed: must be an integer"),
         ("mcr", 1.5, "mcr=1.5"),
         ("pdr", -0.1, "pdr=-0.1"),
         ("lr", 0, "lr=0"),
@@ -49,32 +60,37 @@ def test_aux_size_default_per_dataset():
         ("trigger-margin", 30, "does not fit"),
         ("trigger-value", 0.0, "trigger-value=0.0"),
         ("train-fraction", 0.0, "train-fraction=0.0"),
-        ("batch-size", "big", "batch-size='big' must be an integer"),
+        ("train-fraction", 1.5, "train-fraction=1.5"),
+        ("batch-size", "big", "batch-size='big' is not allowed: must be an integer"),
+        ("aux-size", -1, "aux-size=-1 is not allowed: 0 (the paper's size)"),
+        ("seed", -1, "seed=-1"),
+        ("precision", "fp16", "precision='fp16'"),
+        ("num-clients", 70000, "num-clients=70000"),
+        ("rlr-theta", 11, "rlr-theta=11"),
+        ("min-clients", 11, "min-clients=11"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(key, value, fragment):
-    rc = default_run_config()
+    rc = default_run_config() | {"aggregation": "rlr"}  # so that rlr-theta is checked
     rc[key] = value
-    with pytest.raises(ConfigError, match=None) as err:
-        ExperimentConfig.from_run_config(rc)
+    with pytest.raises(ConfigError) as err:
+        check_experiment(ExperimentConfig.from_run_config(rc))
     assert fragment in str(err.value)
 
 
-def test_unknown_and_missing_keys():
-    rc = default_run_config() | {"num-round": 3}
-    with pytest.raises(ConfigError, match="unknown run-config key"):
-        ExperimentConfig.from_run_config(rc)
-    rc = default_run_config()
-    del rc["seed"]
-    with pytest.raises(ConfigError, match="missing"):
-        ExperimentConfig.from_run_config(rc)
+def test_unknown_keys_fail_and_missing_keys_take_defaults():
+    with pytest.raises(ConfigError, match="unknown run-config key 'num-round' .did you mean 'num-rounds'"):
+        ExperimentConfig.from_run_config(default_run_config() | {"num-round": 3})
+    assert ExperimentConfig.from_run_config({"seed": 7}) == ExperimentConfig(seed=7)
 
 
-def test_parse_overrides_uses_toml_types():
+def test_parse_overrides_uses_toml_types_and_refuses_a_key_twice():
     assert parse_overrides(["num-rounds=3", "lr=0.01", "trigger=cba", "run-dir='x y'"]) == {
         "num-rounds": 3, "lr": 0.01, "trigger": "cba", "run-dir": "x y"}
     with pytest.raises(ConfigError):
         parse_overrides(["novalue"])
+    with pytest.raises(ConfigError, match="num-rounds is given twice .3 and 5."):
+        parse_overrides(["num-rounds=3", "seed=1", "num-rounds=5"])
 
 
 def test_cli_rejects_bad_config_before_anything_starts(capsys, tmp_path):
@@ -92,8 +108,6 @@ def test_cli_dry_run_prints_resolved_config(capsys, tmp_path):
 
 
 def test_table_command_puts_runs_side_by_side(tmp_path, capsys):
-    import json
-
     for name, rule, final, post in [
         ("fedavg", "fedavg", (0.88, 0.95), {"flain": (0.875, 0.0), "pruning": (0.86, 0.1)}),
         ("rlr", "rlr", (0.85, 0.02), {}),
@@ -114,3 +128,68 @@ def test_table_command_puts_runs_side_by_side(tmp_path, capsys):
         "| rlr | RLR | 0.020 | 0.850 |",
     ]
     assert main(["table", str(tmp_path / "nothing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["table", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "not a run directory: no config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (argv, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("sets,fragment", [
+    (["source-label=12"], "source-label=12 is not a class of fmnist"),
+    (["source-label=5"], "equals target-label=5"),
+    (["trigger-margin=24"], "does not fit 28x28"),
+    (["trigger-pixels=4"], "trigger-pixels=4"),
+    (["aux-size=10000"], "aux-size=10000 leaves no test images"),
+    (["aux-size=-3"], "aux-size=-3"),
+    (["flain-layer='conv2'"], "flain-layer='conv2' is not a Linear layer"),
+    (["flain-layer=fc9"], "flain-layer='fc9'"),
+    (["post-defenses='flain,flain'"], "names ['flain'] twice"),
+    (["post-defenses='flain,magic'"], "post-defenses='magic'"),
+    (["train-fraction=0"], "train-fraction=0.0"),
+    (["train-fraction=1.01"], "train-fraction=1.01"),
+    (["num-rounds=3", "num-rounds=4"], "num-rounds is given twice"),
+    (["nmu-clients=3"], "unknown run-config key 'nmu-clients'"),
+    (["num-clients=three"], "num-clients='three' is not allowed: must be an integer"),
+    (["dataset=svhn"], "dataset='svhn' is not allowed: choose one of"),
+    (["aggregation=bulyan"], "needs num-clients >= 4*krum-f + 3"),
+])
+def test_cli_bad_settings_give_one_clear_line(capsys, tmp_path, sets, fragment):
+    argv = ["run", "--dry-run", "--set", f"run-dir='{tmp_path / 'r'}'"]
+    for pair in sets:
+        argv += ["--set", pair]
+    assert fragment in _one_line_error(capsys, argv)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_refuses_unwritable_dirs_and_a_finished_run(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    err = _one_line_error(capsys, ["run", "--dry-run", "--set", f"data-dir='{blocker / 'data'}'"])
+    assert "data-dir=" in err and "is a file, not a directory" in err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not __import__("os").access(locked, __import__("os").W_OK):  # root can write anywhere
+        assert "cannot be written" in _one_line_error(capsys, ["run", "--dry-run", "--set", f"run-dir='{locked / 'r'}'"])
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps({"status": "completed"}))
+    err = _one_line_error(capsys, ["run", "--dry-run", "--set", f"run-dir='{done}'"])
+    assert "already holds a run (status 'completed')" in err and "--overwrite" in err
+    assert main(["run", "--dry-run", "--overwrite", "--set", f"run-dir='{done}'"]) == 0
+
+
+def test_cli_error_from_a_fresh_process_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "run", "--set", "target-label=10"],
+                          capture_output=True, text=True, cwd=SOURCE_ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("flain: configuration error: target-label=10 is not a class of fmnist: "
+                                   "allowed 0..9")

@@ -45,9 +45,9 @@ def test_split_test_aux_disjoint_from_eval():
 
 def test_subsample():
     idx = np.arange(100, 200)
-    sub = subsample(idx, 0.25, seed=0)
+    sub = subsample(idx, 0.25, np.random.default_rng(0))
     assert len(sub) == 25 and set(sub) <= set(idx)
-    assert subsample(idx, 1.0, seed=0) is idx
+    assert subsample(idx, 1.0, np.random.default_rng(0)) is idx
 
 
 def test_missing_fmnist_gives_instructions(tmp_path, monkeypatch):

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from experiment.config import PROJECT_ROOT
-from experiment.deploy import Federation, compose_services, supernode_command
-from experiment.superlink import CONNECTION, Tls, private_superlink, superlink_args
+from launch.superlink import SOURCE_ROOT as PROJECT_ROOT
+from launch.compose import compose_services
+from launch.deploy import Federation, supernode_command
+from launch.superlink import CONNECTION, private_superlink, superlink_args
+from launch.tls import Tls
 
 DATA = PROJECT_ROOT / "data"
 
@@ -34,7 +36,7 @@ def test_deploy_three_nodes_survives_a_dead_node(tmp_path):
     round 1: the run completes with the other two and summary.json names the failure."""
     run_dir = tmp_path / "deployed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiment.cli", "deploy", "--nodes", "3",
+        [sys.executable, "-m", "launch.cli", "deploy", "--nodes", "3",
          "--set", "num-rounds=2", "--set", "train-fraction=0.02", "--set", "post-defenses='flain'",
          "--set", "aggregation='median'",  # a Flower strategy through the whole real loop
          "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'"],

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.flain import (
+from strategies.post_training.flain import (
     Flain,
     flain_search,
     flain_search_reference,
     flip_updates,
     rescale,
-    thresholds,
 )
-from strategies.tau import head_accuracy, tau_inputs
+from strategies.post_training.threshold import thresholds
+from strategies.post_training.tau import head_accuracy, tau_inputs
 from models import split_at
 from strategies.post_training import PostTrainingInput
 

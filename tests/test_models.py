@@ -1,9 +1,9 @@
-"""The paper's FMNIST network, the tau helpers, device and precision choice."""
+"""The paper's networks and the tau helpers."""
 
 import pytest
 import torch
 
-from models import autocast, build_model, resolve_precision, resolve_tau, split_at
+from models import build_model, resolve_tau, split_at
 
 
 def test_fmnist_cnn_shapes():
@@ -27,19 +27,6 @@ def test_tau_and_split():
     feats = body(x)
     assert feats.shape == (4, 9216) and (feats >= 0).all()  # post-ReLU inputs of tau
     assert torch.allclose(head(feats), model(x))
-
-
-def test_precision_resolution():
-    cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_precision("auto", cpu) in ("fp32", "bf16")
-    with pytest.raises(ValueError, match="fp16"):
-        resolve_precision("fp16", cpu)
-    with autocast(cpu, "bf16"):
-        assert torch.nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.bfloat16
-    with autocast(cpu, "fp32"):
-        assert torch.nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiment.config import PROJECT_ROOT
+from launch.superlink import SOURCE_ROOT as PROJECT_ROOT
 
 DATA = PROJECT_ROOT / "data"
 

@@ -59,7 +59,7 @@ def _state(w: np.ndarray, mean: float, count: int) -> ArrayRecord:
 def test_rule_aggregates_replies(name):
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name, krum_f=1, multikrum_m=3, invariant_beta=0.2)
     buffers = frozenset({"bn.running_mean", "bn.num_batches_tracked"})
-    strategy = AGGREGATIONS[name](cfg, None, buffers)
+    strategy = AGGREGATIONS[name](cfg, buffers)
     start = np.zeros((2, 3))
     sent = list(strategy.configure_train(1, _state(start, 0.0, 0), ConfigRecord(), NodesOnly()))
     assert len(sent) == N  # every client, every round
@@ -96,7 +96,7 @@ def test_rule_aggregates_replies(name):
 @pytest.mark.parametrize("name", ["fedavg", "rlr", "median"])
 def test_malformed_replies_are_rejected_not_aggregated(name, bad, reason):
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name)
-    strategy = AGGREGATIONS[name](cfg, None, frozenset())
+    strategy = AGGREGATIONS[name](cfg, frozenset())
     sent = list(strategy.configure_train(1, ArrayRecord({"fc.weight": Array(np.zeros((2, 3), np.float32))}),
                                          ConfigRecord(), NodesOnly()))
     replies = []

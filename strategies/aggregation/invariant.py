@@ -8,10 +8,12 @@ with a coordinate-wise (central) trimmed mean, masked ones do not move.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from strategies.delta import DeltaStrategy
+from strategies.aggregation.delta import DeltaStrategy
 
 
 def sign_agreement_mask(updates: np.ndarray, threshold: float) -> np.ndarray:
@@ -25,9 +27,14 @@ def invariant_step(updates: np.ndarray, threshold: float, beta: float) -> np.nda
 
 
 class InvariantAggregator(DeltaStrategy):
-    def __init__(self, *args, threshold: float = 0.6, beta: float = 0.1, **kwargs) -> None:
+    """FedAvg whose parameter step is the sign-agreement-masked trimmed mean of the updates."""
+
+    def __init__(self, *args: Any, threshold: float = 0.6, beta: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.threshold, self.beta = threshold, beta
 
     def step(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return invariant_step(updates, self.threshold, self.beta)
+
+    def settings(self) -> dict[str, str]:
+        return {"sign-agreement threshold": str(self.threshold), "trimmed-mean beta": str(self.beta)}

@@ -12,20 +12,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from strategies.flain import AdaptiveTauDefense, adaptive_threshold
-from strategies.post_training import PostTrainingInput
-from strategies.tau import TauView
+from strategies.post_training.base import PostTrainingInput, TauSettings
+from strategies.post_training.tau import TauView
+from strategies.post_training.threshold import adaptive_threshold
 
 
-def prune_columns(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """W with the columns (inputs) in `mask` set to zero."""
-    return w.masked_fill(mask.unsqueeze(0), 0.0)
+def prune_columns(w: torch.Tensor, mask: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """W with the columns (inputs) in `mask` set to zero (mask moved to W's device)."""
+    return w.masked_fill(torch.as_tensor(mask, device=w.device).unsqueeze(0), 0.0)
 
 
 @dataclass(frozen=True)
-class Pruning(AdaptiveTauDefense):
+class Pruning(TauSettings):
     """Post-training defense: low-activation pruning of tau's inputs."""
 
     def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -34,9 +35,9 @@ class Pruning(AdaptiveTauDefense):
         acc0 = tau.evaluate(tau.weight)
         stop = adaptive_threshold(
             tau.activations, self.step, self.rho, acc0,
-            lambda mask: tau.evaluate(prune_columns(tau.weight, torch.from_numpy(mask))),
+            lambda mask: tau.evaluate(prune_columns(tau.weight, mask)),
         )
-        state, acc_after = tau.state_with(prune_columns(tau.weight, torch.from_numpy(stop.mask)))
+        state, acc_after = tau.state_with(prune_columns(tau.weight, stop.mask))
         return state, {
             "layer": tau.name,
             "threshold": float(stop.threshold),

@@ -9,11 +9,16 @@ buffers get the example-weighted mean (as FedAvg), integer counters the maximum.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+
+from strategies.aggregation.reply_guard import FailureLog
 
 
 def aggregate_buffer(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -23,10 +28,10 @@ def aggregate_buffer(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.tensordot(weights / weights.sum(), values, axes=1).astype(values.dtype)
 
 
-class DeltaStrategy(FedAvg):
+class DeltaStrategy(FailureLog, FedAvg):
     """FedAvg whose parameter aggregation is `global + step(updates, weights)`."""
 
-    def __init__(self, *args, buffer_keys: Iterable[str] = (), **kwargs) -> None:
+    def __init__(self, *args: Any, buffer_keys: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.buffer_keys = frozenset(buffer_keys)
         self._sent: ArrayRecord | None = None
@@ -35,6 +40,10 @@ class DeltaStrategy(FedAvg):
         """clients x shape updates, client weights -> the global step (shape)."""
         raise NotImplementedError
 
+    def refusal(self, replies: int) -> str | None:
+        """Why this rule cannot aggregate a round with `replies` valid replies (None: it can)."""
+        return None
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._sent = arrays
         return super().configure_train(server_round, arrays, config, grid)
@@ -42,6 +51,11 @@ class DeltaStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid or self._sent is None:
+            return None, None
+        if (reason := self.refusal(len(valid))) is not None:
+            # The global model stays as it was; the run goes on and the summary says why.
+            log(WARNING, "round %d refused by %s: %s", server_round, type(self).__name__, reason)
+            self.record(server_round, 0, "refused", reason)
             return None, None
         contents = [msg.content for msg in valid]
         weights = np.array(
@@ -57,3 +71,16 @@ class DeltaStrategy(FedAvg):
             else:
                 out[key] = Array(np.asarray(base + self.step(clients - base, weights), dtype=base.dtype))
         return ArrayRecord(out), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def settings(self) -> dict[str, str]:
+        """The rule's own settings, for Flower's start-up log."""
+        return {}
+
+    def summary(self) -> None:
+        """Log the rule's settings, then FedAvg's, as Flower's own strategies do."""
+        items = {**self.settings(),
+                 "BatchNorm buffers": f"{len(self.buffer_keys)}, weighted mean (integer counters: max), never flipped"}
+        log(INFO, "\t├──> %s settings:", type(self).__name__.removeprefix("Guarded"))
+        for i, (name, value) in enumerate(items.items()):
+            log(INFO, "\t│\t%s %s: %s", "└──" if i == len(items) - 1 else "├──", name, value)
+        super().summary()

@@ -10,10 +10,8 @@ weights W (shape out x in, so column i belongs to input neuron i):
   W*     = W0 - dW on the columns with x_i <= lambda, W0 + dW elsewhere (dW = W - W0),
 stopping at the first lambda whose aux-accuracy drop acc0 - acc(W*) reaches rho; W* is
 then rescaled to the Frobenius norm of W. If every input is flipped before the drop
-reaches rho, the search stops there (`exhausted`) instead of looping forever.
-
-`lambda_k = min + k*step` is computed directly, not by repeated addition, so the fast
-search and the plain loop compare against bit-identical thresholds.
+reaches rho, the search stops there (`exhausted`) instead of looping forever. The
+threshold search itself is `threshold.adaptive_threshold`, shared with the baselines.
 """
 
 from __future__ import annotations
@@ -26,14 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from strategies.post_training import PostTrainingInput
-from strategies.tau import Evaluate, TauView
+from strategies.post_training.base import PostTrainingInput, TauSettings
+from strategies.post_training.tau import Evaluate, TauView
+from strategies.post_training.threshold import Stop, adaptive_threshold, adaptive_threshold_reference
 
 
 # ---- pure pieces -------------------------------------------------------------------
-def flip_updates(w0: torch.Tensor, w: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Eq. (7): column i is w0 - dw where flip[i], w0 + dw elsewhere."""
+def flip_updates(w0: torch.Tensor, w: torch.Tensor, flip: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Eq. (7): column i is w0 - dw where flip[i], w0 + dw elsewhere.
+
+    The signs are built on the weight's device (CPU or GPU), whatever the mask's."""
     dw = w - w0
+    flip = torch.as_tensor(flip, device=dw.device)
     sign = torch.where(flip, -1.0, 1.0).to(dw.dtype)
     return w0 + dw * sign.unsqueeze(0)
 
@@ -42,58 +44,6 @@ def rescale(w_star: torch.Tensor, norm: float) -> torch.Tensor:
     """Algorithm 1, lines 18-19: scale W* to Frobenius norm `norm`."""
     n1 = torch.linalg.matrix_norm(w_star).item()
     return w_star * (norm / n1) if n1 > 0 else w_star
-
-
-def thresholds(x: np.ndarray, step: float) -> tuple[float, np.ndarray]:
-    """(mu, ks): min(x) and the steps k >= 1 at which the set {x <= mu + k*step}
-    changes, ascending. Between two of them the set, hence the model, is the same."""
-    mu = float(x.min())
-    values = np.unique(x)
-    ks = np.maximum(1, np.ceil((values - mu) / step)).astype(np.int64)
-    # ceil() on floats can be one off either way: settle each k exactly.
-    while np.any(low := mu + ks * step < values):
-        ks[low] += 1
-    while np.any(high := (ks > 1) & (mu + (ks - 1) * step >= values)):
-        ks[high] -= 1
-    return mu, np.unique(ks)
-
-
-# ---- the adaptive threshold (shared with the pruning baseline) ----------------------
-@dataclass
-class Stop:
-    steps: int  # k: lambda = min(x) + k * step
-    threshold: float
-    mask: np.ndarray  # x <= lambda: the inputs acted on
-    acc: float  # aux accuracy at the stop
-    exhausted: bool  # every input acted on before the drop reached rho
-    evaluations: int
-
-
-MaskAccuracy = Callable[[np.ndarray], float]
-
-
-def adaptive_threshold_reference(x: np.ndarray, step: float, rho: float, acc0: float, accuracy: MaskAccuracy) -> Stop:
-    """Raise lambda by `step` until acc0 - accuracy(x <= lambda) >= rho (or all are in)."""
-    x = np.asarray(x, dtype=np.float64)
-    mu, k = float(x.min()), 1
-    while True:
-        mask = x <= mu + k * step
-        acc = accuracy(mask)
-        if rho <= acc0 - acc or mask.all():
-            return Stop(k, mu + k * step, mask, acc, not rho <= acc0 - acc, k)
-        k += 1
-
-
-def adaptive_threshold(x: np.ndarray, step: float, rho: float, acc0: float, accuracy: MaskAccuracy) -> Stop:
-    """Same stop as `adaptive_threshold_reference`, evaluating only where the set changes."""
-    x = np.asarray(x, dtype=np.float64)
-    mu, ks = thresholds(x, step)
-    for evaluations, k in enumerate(ks, start=1):
-        mask = x <= mu + k * step
-        acc = accuracy(mask)
-        if rho <= acc0 - acc or mask.all():
-            return Stop(int(k), mu + k * step, mask, acc, not rho <= acc0 - acc, evaluations)
-    raise AssertionError("unreachable: the last threshold takes every input")
 
 
 # ---- FLAIN ---------------------------------------------------------------------------
@@ -109,10 +59,14 @@ class FlainResult:
     evaluations: int  # aux evaluations made by the search
 
 
-def _flain(search, x, w0, w, step, rho, evaluate: Evaluate) -> FlainResult:
+Search = Callable[..., Stop]
+
+
+def _flain(search: Search, x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float,
+           evaluate: Evaluate) -> FlainResult:
     acc0 = evaluate(w)
-    stop = search(x, step, rho, acc0, lambda mask: evaluate(flip_updates(w0, w, torch.from_numpy(mask))))
-    w_star = flip_updates(w0, w, torch.from_numpy(stop.mask))
+    stop = search(x, step, rho, acc0, lambda mask: evaluate(flip_updates(w0, w, mask)))
+    w_star = flip_updates(w0, w, stop.mask)
     return FlainResult(
         weight=rescale(w_star, torch.linalg.matrix_norm(w).item()),
         threshold=float(stop.threshold),
@@ -142,22 +96,7 @@ def flain_search(
 
 
 @dataclass(frozen=True)
-class AdaptiveTauDefense:
-    """Settings of a post-training defense on layer tau with the adaptive threshold.
-    The paper compares FLAIN and Pruning on the same layer with the same stop rule, so
-    both read `flain-step`, `flain-rho` and `flain-layer`."""
-
-    step: float = 0.001
-    rho: float = 0.02
-    layer: str = "auto"  # 'auto' = first Linear after the convolutions
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> AdaptiveTauDefense:
-        return cls(step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer)
-
-
-@dataclass(frozen=True)
-class Flain(AdaptiveTauDefense):
+class Flain(TauSettings):
     """Post-training defense: FLAIN (Algorithm 1)."""
 
     def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -9,8 +9,6 @@ started (also on Ctrl-C or error).
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import shutil
@@ -23,11 +21,34 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launch.tls import Tls, make_tls
+
 CONNECTION = "flain"
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the Flower app's directory in a source tree
+
+
+def app_directory(workdir: Path) -> Path:
+    """The Flower app to submit: the source tree, or, when the project was installed from
+    a wheel (no pyproject.toml beside the packages), a generated app directory whose
+    pyproject names the same components; Flower then imports them from the installed
+    packages."""
+    if (SOURCE_ROOT / "pyproject.toml").is_file():
+        return SOURCE_ROOT
+    from experiment.config import default_run_config
+
+    app = workdir / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        '[project]\nname = "flain"\nversion = "0.1.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "flain"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "server.app:app"\nclientapp = "client.app:app"\n\n'
+        "[tool.flwr.app.config]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in default_run_config().items())
+    )
+    return app
 
 
 def free_port() -> int:
@@ -102,50 +123,6 @@ def _alive(pid: int) -> bool:
         return state != "Z"
     except (OSError, IndexError):
         return False
-
-
-@dataclass(frozen=True)
-class Tls:
-    """A throwaway CA, the SuperLink's certificate and key, and the CA file for clients."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "superlink")) -> Tls:
-    """A self-signed CA and a server certificate for `hosts` (valid for one day)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flain throwaway CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    names = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    tls = Tls(folder / "ca.crt", folder / "server.pem", folder / "server.key")
-    tls.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    tls.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    tls.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                          serialization.NoEncryption()))
-    return tls
 
 
 def superlink_args(tls: Tls | None) -> list[str]:

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from strategies.flain import adaptive_threshold
-from strategies.post_training import PostTrainingInput
-from strategies.pruning import prune_columns
-from strategies.tau import TauView
+from experiment.config import ExperimentConfig
+from strategies.post_training.base import PostTrainingInput
+from strategies.post_training.pruning import prune_columns
+from strategies.post_training.tau import TauView
+from strategies.post_training.threshold import adaptive_threshold
 
 RANKING_MESSAGE = "query.activation_ranking"
 
@@ -40,10 +41,11 @@ def aggregate_ranks(ranks: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.tensordot(weights / weights.sum(), ranks.astype(np.float64), axes=1)
 
 
-def clip_extremes(w: torch.Tensor, pruned: torch.Tensor, k: float) -> tuple[torch.Tensor, int]:
+def clip_extremes(w: torch.Tensor, pruned: torch.Tensor | np.ndarray, k: float) -> tuple[torch.Tensor, int]:
     """Clip tau's unpruned weights to mean +- k std (of the unpruned weights)."""
     if k <= 0:
         return w, 0
+    pruned = torch.as_tensor(pruned, device=w.device)
     kept = w[:, ~pruned]
     if kept.numel() < 2:
         return w, 0
@@ -54,6 +56,8 @@ def clip_extremes(w: torch.Tensor, pruned: torch.Tensor, k: float) -> tuple[torc
 
 @dataclass(frozen=True)
 class FedPruning:
+    """Post-training defense: federated pruning with the clients' rankings (Wu et al. 2020)."""
+
     rate: float = 0.0
     extreme: float = 3.0
     finetune_rounds: int = 0
@@ -63,7 +67,7 @@ class FedPruning:
     timeout: float = 1800.0
 
     @classmethod
-    def from_config(cls, cfg: Any) -> FedPruning:
+    def from_config(cls, cfg: ExperimentConfig) -> FedPruning:
         return cls(rate=cfg.fedpruning_rate, extreme=cfg.fedpruning_extreme,
                    finetune_rounds=cfg.fedpruning_finetune_rounds,
                    step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer)
@@ -83,7 +87,7 @@ class FedPruning:
         else:
             mask = adaptive_threshold(
                 mean_rank, self.step, self.rho, acc0,
-                lambda m: tau.evaluate(prune_columns(tau.weight, torch.from_numpy(m))),
+                lambda m: tau.evaluate(prune_columns(tau.weight, m)),
             ).mask
         pruned = torch.from_numpy(mask).to(tau.weight.device)
         weight, clipped = clip_extremes(prune_columns(tau.weight, pruned), pruned, self.extreme)
@@ -125,6 +129,7 @@ class FedPruning:
             replies = inp.grid.send_and_receive(messages, timeout=self.timeout)
             new, _ = inp.strategy.aggregate_train(server_round, replies)
             state = (new or arrays).to_torch_state_dict()
-            state[f"{layer}.weight"][:, pruned] = 0.0  # pruned inputs stay pruned
+            weight = state[f"{layer}.weight"]
+            weight[:, pruned.to(weight.device)] = 0.0  # pruned inputs stay pruned
             arrays = ArrayRecord(state)
         return state

@@ -1,15 +1,17 @@
 """`flain`: the command for people.
 
-  flain run [--set key=value ...] [--name NAME] [--gpu] [--verbose] [--dry-run]
+  flain run [--set key=value ...] [--name NAME] [--overwrite] [--gpu] [--verbose] [--dry-run]
   flain deploy --nodes N [--tls] [--set key=value ...]
   flain data fetch NAME [--data-dir DIR]
   flain triggers [--dataset NAME] [--out FILE.png]
   flain table RUN_DIR [RUN_DIR ...]
   flain compose [--nodes N] [--out docker-compose.yml] [--certs DIR]
 
-`flain run` validates the configuration, prepares the data, runs the Flower app as a
-simulation on a private SuperLink, shows progress per round, prints the results table
-and exits non-zero when the run failed.
+`flain run` checks the whole configuration, prepares the data, runs the Flower app as a
+simulation on a private SuperLink, shows progress per round and prints the results table.
+Exit codes: 0 done; 1 the run failed; 2 a setting cannot work (one line says which);
+3 the data set is not available; 4 training finished but a post-training defense failed
+(the other defenses' results are written); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,14 +19,21 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from experiment.config import PROJECT_ROOT, ConfigError, ExperimentConfig, default_run_config, parse_overrides
+from experiment.config import ConfigError, ExperimentConfig, default_run_config, parse_overrides
 from experiment.data import DATASETS, DataUnavailable, fetch
+from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table
+from server.checks import check_experiment
+
+EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED = 1, 2, 3, 4
+# what a finished run leaves in its directory (cleared by --overwrite)
+RUN_ARTIFACTS = ("config.json", "rounds.csv", "summary.json", "summary.json.tmp", "plot.png", "*.pt")
 
 # log lines shown without --verbose: our per-round progress, Flower's round headers, problems
 _PROGRESS = re.compile(r"\[flain\]|\[ROUND \d+/\d+\]|Run directory|ERROR|Error|Traceback|failures")
@@ -32,18 +41,54 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def resolve(overrides: dict[str, Any], name: str | None) -> ExperimentConfig:
-    """Defaults + overrides, validated; data-dir and run-dir made absolute."""
+    """Defaults + overrides, every check run; data-dir and run-dir made absolute."""
     cfg = ExperimentConfig.from_run_config(default_run_config() | overrides)  # unknown keys fail here
-    return cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()), run_dir=str(cfg.run_path(name).resolve()))
+    cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()), run_dir=str(cfg.run_path(name).resolve()))
+    check_experiment(cfg)
+    return cfg
+
+
+def _writable(key: str, path: Path) -> None:
+    """`path` (or, if it does not exist yet, its nearest existing parent) can be written."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}='{path}' cannot be used: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}='{path}' cannot be written: no write permission in {existing}")
+
+
+def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
+    """The data and run directories can be written; the run directory holds no earlier run
+    unless `overwrite`."""
+    _writable("data-dir", Path(cfg.data_dir))
+    run_dir = Path(cfg.run_dir)
+    _writable("run-dir", run_dir)
+    if (run_dir / "summary.json").exists() and not overwrite:
+        try:
+            status = json.loads((run_dir / "summary.json").read_text()).get("status", "unknown")
+        except ValueError:
+            status = "unreadable"
+        raise ConfigError(f"run-dir='{run_dir}' already holds a run (status {status!r}): "
+                          "choose another --name or run-dir, or pass --overwrite to replace it")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove an earlier run's files (only the ones a run writes) before --overwrite."""
+    for pattern in RUN_ARTIFACTS:
+        for path in run_dir.glob(pattern):
+            path.unlink()
 
 
 def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
-    """The validated configuration with its data in place, or an exit code."""
+    """The checked configuration with its data in place, or an exit code."""
     try:
         cfg = resolve(parse_overrides(args.set) | forced, args.name)
+        check_paths(cfg, args.overwrite)
     except ConfigError as exc:
         print(f"flain: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.dry_run:
         print(json.dumps(cfg.to_run_config(), indent=2))
         return 0
@@ -52,15 +97,17 @@ def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
         fetch(cfg.dataset, cfg.data_dir)
     except DataUnavailable as exc:
         print(f"flain: data error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_DATA
+    if args.overwrite:
+        clear_run(Path(cfg.run_dir))
     return cfg
 
 
 def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[str, Any],
              nodes: int = 0, tls: bool = False) -> int:
     """Run the app on a private SuperLink: simulation (nodes=0) or `nodes` real SuperNodes."""
-    from experiment.deploy import Federation
-    from experiment.superlink import RunFailed, private_superlink, write_run_config
+    from launch.deploy import Federation
+    from launch.superlink import RunFailed, app_directory, private_superlink, write_run_config
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +130,7 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
                     fed.start()
                     fed.wait_connected()
                 config_file = write_run_config(cfg.to_run_config(), link.workdir / "run-config.toml")
-                run_id = link.submit(PROJECT_ROOT, config_file, federation)
+                run_id = link.submit(app_directory(link.workdir), config_file, federation)
                 final = link.follow(run_id, show)
             finally:
                 if fed:
@@ -96,13 +143,16 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
     except (RunFailed, RuntimeError) as exc:
         print("\n".join(["", "flain: last log lines:", *tail]), file=sys.stderr)
         print(f"flain: run failed: {exc}", file=sys.stderr)
-        return 1
-
-    from server.results import format_table
+        return EXIT_RUN_FAILED
 
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"\nflain: finished in {time.perf_counter() - started:.0f}s; results in {run_dir}\n")
     print(format_table(summary))
+    if summary.get("status") == "defense-failed":
+        failed = ", ".join(summary.get("failed_defenses", []))
+        print(f"flain: training completed but post-training defense(s) FAILED: {failed} "
+              f"(see the log above and {run_dir / 'summary.json'})", file=sys.stderr)
+        return EXIT_DEFENSE_FAILED
     return 0
 
 
@@ -117,18 +167,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             print("flain: --gpu given but no CUDA device is visible", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         federation["client-resources-num-gpus"] = args.gpu_share
     return _execute(cfg, args, federation)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.nodes < 1:
-        print(f"flain: --nodes {args.nodes} is not allowed: must be >= 1", file=sys.stderr)
-        return 2
-    if "num-clients" in parse_overrides(args.set):
-        print("flain: num-clients is --nodes in a deployment (one client per SuperNode)", file=sys.stderr)
-        return 2
+        print(f"flain: configuration error: --nodes {args.nodes} is not allowed: must be >= 1", file=sys.stderr)
+        return EXIT_CONFIG
+    if any(pair.partition("=")[0].strip() == "num-clients" for pair in args.set):
+        print("flain: configuration error: num-clients is --nodes in a deployment (one client per SuperNode)",
+              file=sys.stderr)
+        return EXIT_CONFIG
     cfg = _prepare(args, **{"num-clients": args.nodes})
     if isinstance(cfg, int):
         return cfg
@@ -138,12 +189,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     if args.name not in DATASETS:
         print(f"flain: unknown data set {args.name!r}; choose one of {sorted(DATASETS)}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     try:
         fetch(args.name, Path(args.data_dir).resolve())
     except DataUnavailable as exc:
         print(f"flain: data error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_DATA
     print(f"flain: {args.name} is ready in {Path(args.data_dir).resolve()}")
     return 0
 
@@ -157,7 +208,7 @@ def cmd_triggers(args: argparse.Namespace) -> int:
 
     if args.dataset not in DATASETS:
         print(f"flain: unknown data set {args.dataset!r}; choose one of {sorted(DATASETS)}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     spec = DATASETS[args.dataset]
     try:
         images, labels = load(args.dataset, str(Path(args.data_dir).resolve()), False)
@@ -172,31 +223,25 @@ def cmd_triggers(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     """Markdown table of ACC/ASR for finished runs, side by side."""
-    from server.results import comparison_rows, markdown_table
-
-    dirs = [Path(d) for d in args.runs]
-    missing = [str(d) for d in dirs if not (d / "summary.json").is_file()]
-    if missing:
-        print(f"flain: no summary.json in {missing}", file=sys.stderr)
-        return 2
-    print(markdown_table(comparison_rows(dirs)))
+    try:
+        print(markdown_table(comparison_rows([Path(d) for d in args.runs])))
+    except NotARunDirectory as exc:
+        print(f"flain: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
     """Write docker-compose.yml (and the certificates and node keys it mounts)."""
     import flwr
-    import yaml
 
-    from experiment.deploy import compose_services, make_node_key
-    from experiment.superlink import make_tls
+    from launch.compose import compose_yaml
+    from launch.tls import make_node_key, make_tls
 
-    class Plain(yaml.SafeDumper):  # no &anchors: each service reads on its own
-        def ignore_aliases(self, data: Any) -> bool:
-            return True
-
-    text = yaml.dump(compose_services(args.nodes, flwr.__version__), Dumper=Plain, sort_keys=False, width=120)
-    Path(args.out).write_text(COMPOSE_HEADER + text)
+    if args.nodes < 1:
+        print(f"flain: configuration error: --nodes {args.nodes} is not allowed: must be >= 1", file=sys.stderr)
+        return EXIT_CONFIG
+    Path(args.out).write_text(compose_yaml(args.nodes, flwr.__version__))
     print(f"flain: wrote {args.out} ({args.nodes} SuperNodes)")
     if args.certs:
         certs = Path(args.certs)
@@ -207,14 +252,6 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPOSE_HEADER = """\
-# FLAIN on Flower as containers: a SuperLink, its ServerApp runner, and SuperNodes each with
-# its ClientApp runner, TLS and SuperNode authentication on. Generated by
-#   flain compose --nodes N --out docker-compose.yml --certs certs
-# from the same commands `flain deploy` runs as processes (see README, "Deployment").
-"""
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,6 +260,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a run-config key (repeatable), e.g. --set num-rounds=5")
     run.add_argument("--name", help="run directory name under runs/ (default: generated)")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run directory")
     run.add_argument("--gpu", action="store_true", help="let the clients share one GPU")
     run.add_argument("--gpu-share", type=float, default=0.25,
                      help="share of the GPU per client with --gpu (default 0.25: 4 at a time)")
@@ -236,6 +274,7 @@ def parser() -> argparse.ArgumentParser:
                      help="TLS with a throwaway CA, and SuperNode authentication (registered keys only)")
     dep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
     dep.add_argument("--name", help="run directory name under runs/ (default: generated)")
+    dep.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run directory")
     dep.add_argument("--verbose", "-v", action="store_true", help="show every Flower log line")
     dep.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     dep.set_defaults(func=cmd_deploy)

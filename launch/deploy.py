@@ -1,0 +1,68 @@
+"""Real deployment on one machine: a SuperLink and N SuperNodes as separate processes on
+127.0.0.1, talking over the network, optionally with TLS and SuperNode authentication.
+
+The commands and flags are the ones docker-compose.yml runs in containers
+(`superlink_args` and `supernode_command` are shared with `launch.compose`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from launch.superlink import CONNECTION, SuperLink, _bin, free_port, stop_tree
+from launch.tls import Tls, make_node_key
+
+
+def supernode_command(superlink: str, port: int, partition: int, partitions: int,
+                      ca: Path | None = None, private_key: Path | None = None) -> list[str]:
+    """One SuperNode serving partition `partition` of `partitions`."""
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", f"partition-id={partition} num-partitions={partitions}"]
+    cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    if private_key:
+        cmd += ["--auth-supernode-private-key", str(private_key)]
+    return cmd
+
+
+class Federation:
+    """A SuperLink and its SuperNodes, all processes of this machine."""
+
+    def __init__(self, link: SuperLink, nodes: int, tls: Tls | None) -> None:
+        self.link, self.count, self.tls = link, nodes, tls
+        self.nodes: list[subprocess.Popen] = []
+
+    def start_node(self, partition: int, register: bool = True) -> subprocess.Popen:
+        private = None
+        if self.tls is not None:
+            private, public = make_node_key(self.link.workdir, f"node{partition}")
+            if register:
+                self.link.flwr("supernode", "register", str(public), CONNECTION)
+        log = (self.link.workdir / f"node{partition}.log").open("ab")
+        proc = subprocess.Popen(
+            supernode_command(self.link.address, free_port(), partition, self.count,
+                              self.tls.ca if self.tls else None, private),
+            env=self.link.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.nodes.append(proc)
+        return proc
+
+    def start(self) -> None:
+        for i in range(self.count):
+            self.start_node(i)
+
+    def connected(self) -> int:
+        return len(self.link.flwr("supernode", "list", CONNECTION).get("nodes", []))
+
+    def wait_connected(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.connected() < self.count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {self.connected()} of {self.count} SuperNodes connected in {timeout:.0f}s")
+            time.sleep(2)
+
+    def stop(self) -> None:
+        for proc in self.nodes:
+            stop_tree(proc, grace=5)
+        self.nodes.clear()

@@ -1,0 +1,75 @@
+"""Result tables of finished runs: the one `flain run` prints, and `flain table`'s
+markdown comparison (the paper's rows: FedAvg = no-Defense, FedAvg + FLAIN = FLAIN, ...)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class NotARunDirectory(ValueError):
+    """A path given as a run directory is not one (message: one line, says why)."""
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, summary.json) of a run directory that has finished training."""
+    if not run_dir.is_dir():
+        raise NotARunDirectory(f"{run_dir} is not a directory")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except FileNotFoundError as exc:
+        raise NotARunDirectory(f"{run_dir} is not a run directory: no {Path(exc.filename).name}") from None
+    except ValueError as exc:
+        raise NotARunDirectory(f"{run_dir} is not a run directory: unreadable JSON ({exc})") from None
+    if "final" not in summary or "aggregation" not in config:
+        status = summary.get("status", "unknown")
+        raise NotARunDirectory(f"{run_dir} holds no finished training (status {status!r})")
+    return config, summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The results table `flain run` prints."""
+    rows = [("no-Defense", summary["final"]["acc"], summary["final"]["asr"], "")]
+    for name, res in summary.get("post_defenses", {}).items():
+        if "error" in res:
+            rows.append((name, float("nan"), float("nan"), f"FAILED: {res['error']}"))
+            continue
+        note = ""
+        if "flipped" in res:
+            note = f"lambda={res['threshold']:.4f} flipped={res['flipped']}/{res.get('inputs', '?')}"
+            note += " (all flipped)" if res.get("exhausted") else ""
+        elif "pruned" in res:
+            note = f"pruned={res['pruned']}/{res.get('inputs', '?')}"
+        rows.append((name, res["acc"], res["asr"], note))
+    lines = [f"{'defense':<12} {'ACC':>7} {'ASR':>7}  notes", "-" * 60]
+    lines += [f"{n:<12} {a:7.4f} {s:7.4f}  {note}" for n, a, s, note in rows]
+    return "\n".join(lines)
+
+
+_RULE_NAMES = {"fedavg": "no-Defense", "rlr": "RLR"}  # the paper's row names
+_DEFENSE_NAMES = {"flain": "FLAIN", "pruning": "Pruning", "fedpruning": "FedPruning"}
+
+
+def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]:
+    """(run, defense, ACC, ASR) for every run directory: the trained model under its
+    aggregation rule, then each post-training defense applied to it (the paper's rows:
+    FedAvg = no-Defense, FedAvg + FLAIN = FLAIN, RLR = RLR, ...)."""
+    rows = []
+    for run_dir in run_dirs:
+        config, summary = read_run(run_dir)
+        rule = config["aggregation"]
+        base = _RULE_NAMES.get(rule, rule)
+        rows.append((run_dir.name, base, summary["final"]["acc"], summary["final"]["asr"]))
+        for name, res in summary.get("post_defenses", {}).items():
+            if "acc" in res:
+                label = _DEFENSE_NAMES.get(name, name)
+                rows.append((run_dir.name, label if rule == "fedavg" else f"{base} + {label}", res["acc"], res["asr"]))
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, str, float, float]]) -> str:
+    lines = ["| run | defense | ASR | ACC |", "| --- | --- | --- | --- |"]
+    lines += [f"| {run} | {label} | {asr:.3f} | {acc:.3f} |" for run, label, acc, asr in rows]
+    return "\n".join(lines)

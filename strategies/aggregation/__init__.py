@@ -1,0 +1,104 @@
+"""Mid-training aggregation rules (registry: `aggregation=` name -> builder).
+
+Every rule samples every client every round (client sampling rate 1), skips client-side
+evaluation, and drops malformed replies (`reply_guard`). Flower's own strategies are used
+where Flower has the rule; RLR and the invariant aggregator act on updates (`DeltaStrategy`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
+
+from experiment.config import ConfigError, ExperimentConfig, choice
+from strategies.aggregation.invariant import InvariantAggregator
+from strategies.aggregation.reply_guard import guarded
+from strategies.aggregation.rlr import RobustLR
+
+
+def _common(cfg: ExperimentConfig) -> dict[str, Any]:
+    # Every connected client trains (fraction 1); a round goes on while at least
+    # `min-clients` nodes are connected (nodes can die in a real deployment).
+    return dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_replies,
+                min_available_nodes=cfg.min_replies)
+
+
+def krum_f(cfg: ExperimentConfig) -> int:
+    """Malicious clients that Krum/MultiKrum/Bulyan assume: `krum-f`, or (-1) the true count."""
+    return cfg.num_malicious if cfg.krum_f < 0 else cfg.krum_f
+
+
+def fedavg(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+    """FedAvg (McMahan et al. 2017), weighted by examples, server learning rate 1."""
+    return guarded(FedAvg)(**_common(cfg))
+
+
+def rlr(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+    """Robust learning rate (Ozdayi et al., AAAI 2021); theta 0 = a majority of each round's replies."""
+    return guarded(RobustLR)(theta=cfg.rlr_theta or None, eta=cfg.rlr_eta, buffer_keys=buffers, **_common(cfg))
+
+
+def krum(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+    """Krum (Blanchard et al. 2017), Flower's implementation."""
+    return guarded(Krum)(num_malicious_nodes=krum_f(cfg), **_common(cfg))
+
+
+def multikrum(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+    """Multi-Krum: average the `multikrum-m` most central updates (0 = n - f)."""
+    f = krum_f(cfg)
+    m = cfg.multikrum_m or cfg.num_clients - f
+    return guarded(MultiKrum)(num_malicious_nodes=f, num_nodes_to_select=m, **_common(cfg))
+
+
+def bulyan(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+    """Bulyan (El Mhamdi et al. 2018), Flower's implementation."""
+    return guarded(Bulyan)(num_malicious_nodes=krum_f(cfg), **_common(cfg))
+
+
+def trimmed_mean(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+    """Coordinate-wise trimmed mean (Yin et al. 2018), Flower's FedTrimmedAvg."""
+    return guarded(FedTrimmedAvg)(beta=cfg.trim_beta, **_common(cfg))
+
+
+def median(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+    """Coordinate-wise median (Yin et al. 2018), Flower's FedMedian."""
+    return guarded(FedMedian)(**_common(cfg))
+
+
+def invariant(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+    """Invariant aggregator (Wang et al.): sign-agreement mask + trimmed mean."""
+    return guarded(InvariantAggregator)(
+        threshold=cfg.invariant_threshold, beta=cfg.invariant_beta, buffer_keys=buffers, **_common(cfg))
+
+
+# builder(cfg, BatchNorm buffer keys) -> Flower strategy
+AGGREGATIONS: dict[str, Callable[[ExperimentConfig, frozenset[str]], Strategy]] = {
+    "fedavg": fedavg,
+    "rlr": rlr,
+    "krum": krum,
+    "multikrum": multikrum,
+    "bulyan": bulyan,
+    "trimmed-mean": trimmed_mean,
+    "median": median,
+    "invariant": invariant,
+}
+
+
+def check(cfg: ExperimentConfig) -> None:
+    """The rule is known and can work with these counts (raises ConfigError)."""
+    choice("aggregation", cfg.aggregation, AGGREGATIONS)
+    n, f = cfg.num_clients, krum_f(cfg)
+    if cfg.aggregation == "rlr" and cfg.rlr_theta > n:
+        raise ConfigError(f"rlr-theta={cfg.rlr_theta} is not allowed with num-clients={n}: "
+                          f"must be 0 (auto: a majority of each round's replies) or 1..{n}")
+    # Krum scores each update by its n - f - 2 nearest neighbours: there must be one.
+    # (Its guarantee needs n > 2f + 2; with fewer clients it still runs, unguaranteed.)
+    if cfg.aggregation in ("krum", "multikrum") and n - f - 2 < 1:
+        raise ConfigError(f"aggregation={cfg.aggregation!r} needs num-clients >= krum-f + 3, "
+                          f"got num-clients={n}, krum-f={f}")
+    if cfg.aggregation == "multikrum" and cfg.multikrum_m > n:
+        raise ConfigError(f"multikrum-m={cfg.multikrum_m} is not allowed: must be 0 (auto: n - f) or 1..{n}")
+    if cfg.aggregation == "bulyan" and n < 4 * f + 3:
+        raise ConfigError(f"aggregation='bulyan' needs num-clients >= 4*krum-f + 3, got num-clients={n}, krum-f={f}")

@@ -1,0 +1,51 @@
+"""What a post-training defense receives and returns.
+
+The ServerApp holds the initial global weights (W0) and the final ones when
+`strategy.start()` returns; it builds one `PostTrainingInput` and applies every defense
+named in `post-defenses` to the same trained model, side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from experiment.config import ExperimentConfig
+
+
+@dataclass
+class PostTrainingInput:
+    """What a post-training defense may use."""
+
+    model: nn.Sequential  # the trained global model (left untouched by defenses)
+    initial_state: dict[str, torch.Tensor]  # global weights before round 1 (W0)
+    aux_images: torch.Tensor  # the server's clean auxiliary set, float in [0, 1]
+    aux_labels: torch.Tensor
+    grid: Grid | None = None  # for defenses that talk to the clients (fedpruning)
+    strategy: Strategy | None = None  # the training strategy (to fine-tune with)
+    last_round: int = 0
+
+
+class PostTrainingDefense(Protocol):
+    def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(defended state_dict, what it did: threshold, counts, ...)."""
+
+
+@dataclass(frozen=True)
+class TauSettings:
+    """Settings of a defense on layer tau with the adaptive threshold. The paper compares
+    FLAIN and Pruning on the same layer with the same stop rule, so both (and federated
+    pruning's adaptive rate) read `flain-step`, `flain-rho` and `flain-layer`."""
+
+    step: float = 0.001
+    rho: float = 0.02
+    layer: str = "auto"  # 'auto' = first Linear after the convolutions
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> TauSettings:
+        return cls(step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer)

@@ -1,0 +1,201 @@
+"""Post-training defenses on small generated models: a planted backdoor that FLAIN removes,
+Pruning and federated pruning `apply`, the evaluator, and device-agnostic masks.
+
+`DEVICES`: the CPU, PyTorch's `meta` device (no data: a device other than the CPU on every
+machine, so a mask left on the CPU fails here as it would on a GPU), and CUDA where present."""
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from torch import nn
+
+from attacks.triggers import PixelTrigger
+from server.evaluation import Evaluator
+from strategies.post_training import PostTrainingInput
+from strategies.post_training.fedpruning import FedPruning, clip_extremes
+from strategies.post_training.flain import Flain, flip_updates
+from strategies.post_training.pruning import Pruning, prune_columns
+from strategies.post_training.tau import TauView
+
+DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
+COMPUTE_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+Z, HIDDEN, BACKDOOR = 20, 8, 19  # tau's inputs; input 19 is the planted backdoor feature
+
+
+# ---- a planted backdoor ----------------------------------------------------------------
+def _features(n: int, triggered: bool, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean class 0 lights inputs 0-9, class 1 inputs 10-18; input 19 is silent on clean
+    data and strong on triggered data (which is class-0 data labelled 1 by the attacker)."""
+    labels = torch.zeros(n, dtype=torch.long) if triggered else torch.arange(n) % 2
+    x = 0.1 * torch.rand(n, Z, generator=g)
+    strength = 0.2 + 0.05 * torch.arange(Z)  # inputs differ in how active they are
+    for i, c in enumerate(labels.tolist()):
+        lit = slice(0, 10) if c == 0 or triggered else slice(10, 19)
+        x[i, lit] += strength[lit] * (0.5 + 0.5 * torch.rand(x[i, lit].shape, generator=g))
+    x[:, BACKDOOR] = 3.0 if triggered else 0.0
+    return x, torch.ones(n, dtype=torch.long) if triggered else labels
+
+
+def _backdoored_model(device: str) -> tuple[nn.Sequential, dict[str, torch.Tensor], torch.Generator]:
+    """(trained model, W0 state, generator): trained from W0 on clean + poisoned features."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(Z, HIDDEN), relu=nn.ReLU(), fc2=nn.Linear(HIDDEN, 2)))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    clean_x, clean_y = _features(400, False, g)
+    bad_x, bad_y = _features(120, True, g)
+    x, y = torch.cat([clean_x, bad_x]), torch.cat([clean_y, bad_y])
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.to(device).eval(), {k: v.to(device) for k, v in initial.items()}, g
+
+
+def _rates(model: nn.Module, g: torch.Generator, device: str) -> tuple[float, float]:
+    clean_x, clean_y = _features(400, False, g)
+    bad_x, _ = _features(200, True, g)
+    with torch.no_grad():
+        acc = (model(clean_x.to(device)).argmax(1).cpu() == clean_y).float().mean().item()
+        asr = (model(bad_x.to(device)).argmax(1).cpu() == 1).float().mean().item()
+    return acc, asr
+
+
+def _fresh(state: dict[str, torch.Tensor], device: str) -> nn.Sequential:
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(Z, HIDDEN), relu=nn.ReLU(), fc2=nn.Linear(HIDDEN, 2)))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+@pytest.mark.parametrize("device", COMPUTE_DEVICES)
+def test_flain_removes_a_planted_backdoor(device):
+    model, initial, g = _backdoored_model(device)
+    acc0, asr0 = _rates(model, g, device)
+    assert acc0 > 0.95 and asr0 > 0.95  # the backdoor is in
+    aux_x, aux_y = _features(200, False, g)  # the server's clean aux set: no trigger in it
+    state, info = Flain(step=0.001, rho=0.02, layer="fc1").apply(
+        PostTrainingInput(model, initial, aux_x.to(device), aux_y.to(device)))
+    assert _rates(_fresh(state, device), g, device)[1] < 0.05  # ASR gone
+    assert not info["exhausted"] and info["aux_acc_before"] - info["aux_acc_at_stop"] >= 0.02  # Algorithm 1's stop
+    # The mechanism: the backdoor input is the quietest on clean data, so it is flipped
+    # first, and flipping its update alone reverses the backdoor at no clean cost.
+    activations = TauView.of(model, "fc1", aux_x.to(device), aux_y.to(device)).activations
+    assert activations.argmin() == BACKDOOR and activations[BACKDOOR] <= info["threshold"]
+    only = torch.zeros(Z, dtype=torch.bool)
+    only[BACKDOOR] = True
+    alone = dict(model.state_dict(), **{"fc1.weight": flip_updates(initial["fc1.weight"], model.fc1.weight.detach(), only)})
+    acc, asr = _rates(_fresh(alone, device), g, device)
+    assert asr < 0.05 and acc >= acc0 - 0.01, (acc, asr)
+
+
+@pytest.mark.parametrize("device", COMPUTE_DEVICES)
+def test_pruning_apply_zeroes_the_silent_inputs(device):
+    model, initial, g = _backdoored_model(device)
+    aux_x, aux_y = _features(200, False, g)
+    state, info = Pruning(step=0.001, rho=0.02, layer="fc1").apply(
+        PostTrainingInput(model, initial, aux_x.to(device), aux_y.to(device)))
+    zero_columns = (state["fc1.weight"] == 0).all(0)
+    assert bool(zero_columns[BACKDOOR]) and int(zero_columns.sum()) == info["pruned"] >= 1
+    for k, v in model.state_dict().items():  # only tau's weight changes; the model is untouched
+        assert torch.equal(state[k].to(device), v) == (k != "fc1.weight"), k
+    assert info["aux_acc_before"] - info["aux_acc_after"] >= 0.02 or info["exhausted"]
+
+
+class RankingGrid(Grid):
+    """An in-process federation for the ranking query: node i answers with the real client
+    ranking (`client.training.input_ranks`) on its own data."""
+
+    def __init__(self, data: list[torch.Tensor]) -> None:
+        self.data = data
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(range(1, len(self.data) + 1))
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from client.training import input_ranks
+
+        replies = []
+        for msg in messages:
+            model = nn.Sequential(OrderedDict(fc1=nn.Linear(Z, HIDDEN), relu=nn.ReLU(), fc2=nn.Linear(HIDDEN, 2)))
+            model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+            images = self.data[msg.metadata.dst_node_id - 1]
+            ranks = input_ranks(model, str(msg.content["config"]["layer"]), images)
+            content = RecordDict({"ranks": ArrayRecord({"ranks": Array(ranks)}),
+                                  "metrics": MetricRecord({"num-examples": len(images)})})
+            replies.append(Message(content=content, reply_to=msg))
+        return replies
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *a, **k):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+
+def test_fedpruning_apply_prunes_by_the_clients_rankings():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    model, initial, g = _backdoored_model("cpu")
+    aux_x, aux_y = _features(200, False, g)
+    clients = [_features(100, False, g)[0] for _ in range(3)]
+    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=RankingGrid(clients))
+    state, info = FedPruning(rate=0.1, extreme=0.0, layer="fc1").apply(inp)  # 10% of 20 inputs: 2
+    zero_columns = (state["fc1.weight"] == 0).all(0)
+    assert info["clients"] == 3 and info["pruned"] == 2 == int(zero_columns.sum())
+    assert bool(zero_columns[BACKDOOR])  # silent on every client's clean data: ranked lowest
+    with pytest.raises(RuntimeError, match="needs the Flower grid"):
+        FedPruning().apply(PostTrainingInput(model, initial, aux_x, aux_y))
+
+
+# ---- the evaluator -------------------------------------------------------------------
+def test_evaluator_measures_acc_on_clean_and_asr_on_stamped_source_images():
+    # A 4x4 "image" model: class 1 iff the bottom-right pixel is bright.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, -5.0]))
+        model[1].weight[1, 15] = 10.0
+    images = torch.randint(0, 100, (40, 1, 4, 4), dtype=torch.uint8)  # dark: predicted 0
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 20)
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[3, 3] = True
+    evaluator = Evaluator(model, images, labels, PixelTrigger(mask), source=2, target=1)
+    assert evaluator.triggered.shape == (20, 1, 4, 4)  # only the source-label images are stamped
+    m = evaluator(model.state_dict())
+    assert m == {"acc": 0.25, "asr": 1.0}
+    with torch.no_grad():
+        model[1].weight[1, 15] = 0.0  # the trigger no longer works
+    assert evaluator(model.state_dict()) == {"acc": 0.25, "asr": 0.0}
+
+
+# ---- masks on the weight's device ------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("as_numpy", [True, False])
+def test_masks_and_signs_follow_the_weight_device(device, as_numpy):
+    w0, w = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    mask = np.array([True, False, True, False, False])
+    mask = mask if as_numpy else torch.from_numpy(mask)  # built on the CPU, as the search builds it
+    for out in (flip_updates(w0, w, mask), prune_columns(w, mask)):
+        assert out.device.type == device and out.shape == (3, 5)
+    if device != "meta":  # (boolean indexing has no meta kernel)
+        assert clip_extremes(w, mask, 1.0)[0].device.type == device
+        flipped = flip_updates(w0, w, mask).cpu()
+        assert torch.allclose(flipped[:, 0], (2 * w0 - w).cpu()[:, 0]) and torch.allclose(flipped[:, 1], w.cpu()[:, 1])
+        assert (prune_columns(w, mask).cpu()[:, [0, 2]] == 0).all()
