@@ -6,6 +6,7 @@ FROM flwr/superexec:${FLWR_VERSION}
 WORKDIR /app
 # CPU wheels keep the image small; drop the index URL to get CUDA wheels for the gpu profile.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Only what the ServerApp and ClientApp import: the launcher package (launch/) stays out.
 COPY pyproject.toml README.md ./
 COPY server server
 COPY client client

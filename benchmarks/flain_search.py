@@ -46,7 +46,7 @@ def main() -> None:
     else:
         x, y = load("fmnist", args.data_dir, True)
         print("training the network on 12,000 images (no --model given) ...", flush=True)
-        train_local(model, x[:12000], y[:12000], 1, 64, 1e-3, seed=0)
+        train_local(model, x[:12000], y[:12000], 1, 64, 1e-3, generator=torch.Generator().manual_seed(0))
     model = model.eval().to(memory_format=torch.contiguous_format)
 
     test_x, test_y = load("fmnist", args.data_dir, False)

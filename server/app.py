@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import traceback
 from logging import ERROR, INFO
+from typing import Any, Protocol
 
 import flwr
 import torch
@@ -120,8 +121,16 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     recorder.finish(client_failures=getattr(strategy, "failures", []), failed_defenses=failed)
 
 
+class DefenseSink(Protocol):
+    """Where defended models and their results go (a run directory, or `flain defend`'s)."""
+
+    def save_model(self, name: str, state: dict[str, torch.Tensor]) -> object: ...
+
+    def post_defense(self, name: str, result: dict[str, Any]) -> None: ...
+
+
 def apply_post_defenses(cfg: ExperimentConfig, inp: PostTrainingInput, evaluator: Evaluator,
-                        recorder: RunRecorder) -> list[str]:
+                        sink: DefenseSink) -> list[str]:
     """Every configured defense on the same trained model, side by side; the names of
     those that failed (a broken defense must not cost the others their results)."""
     failed = []
@@ -131,13 +140,13 @@ def apply_post_defenses(cfg: ExperimentConfig, inp: PostTrainingInput, evaluator
             state, info = POST_DEFENSES[name](cfg).apply(inp)
         except Exception as exc:
             log(ERROR, "[flain] post-defense %s FAILED:\n%s", name, traceback.format_exc())
-            recorder.post_defense(name, {"error": f"{type(exc).__name__}: {exc}"})
+            sink.post_defense(name, {"error": f"{type(exc).__name__}: {exc}"})
             failed.append(name)
             continue
         seconds = time.perf_counter() - started
         m = evaluator(state)
-        recorder.save_model(name, state)
-        recorder.post_defense(name, {**m, "seconds": seconds, **info})
+        sink.save_model(name, state)
+        sink.post_defense(name, {**m, "seconds": seconds, **info})
         log(INFO, "[flain] post-defense %s: acc=%.4f asr=%.4f (%.1fs) %s", name, m["acc"], m["asr"], seconds, info)
     return failed
 

@@ -193,3 +193,26 @@ def test_cli_error_from_a_fresh_process_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("flain: configuration error: target-label=10 is not a class of fmnist: "
                                    "allowed 0..9")
+
+
+def test_installed_wheel_runs_without_a_source_tree(tmp_path):
+    """`pip install --no-deps` of the built wheel, used from a directory with no
+    pyproject.toml: the defaults come from the code, `flain run --dry-run` works."""
+    wheels, site, cwd = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    cwd.mkdir()
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(SOURCE_ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("flain-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    assert not (site / "pyproject.toml").exists()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(site / "bin" / "flain"), "run", "--dry-run", "--set", "num-rounds=3"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    resolved = json.loads(proc.stdout)
+    assert resolved["num-rounds"] == 3 and resolved["data-dir"] == str(cwd / "data")
+    code = "import launch.cli as c, pathlib; print(pathlib.Path(c.__file__).parent.parent)"
+    where = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    assert where.stdout.strip() == str(site)  # the installed copy ran, not the source tree

@@ -111,3 +111,51 @@ def test_malformed_replies_are_rejected_not_aggregated(name, bad, reason):
     failure = strategy.failures[0]
     assert failure["round"] == 1 and failure["kind"] == "rejected" and reason in failure["reason"]
     assert failure["node"] == sent[0].metadata.dst_node_id
+
+
+def _replies(strategy, n_sent: int, n_replies: int, value: float = 1.0):
+    sent = list(strategy.configure_train(1, ArrayRecord({"fc.weight": Array(np.zeros((2, 3), np.float32))}),
+                                         ConfigRecord(), NodesOnly()))[:n_sent]
+    replies = []
+    for msg in sent[:n_replies]:
+        content = RecordDict({"arrays": ArrayRecord({"fc.weight": Array(np.full((2, 3), value, np.float32))}),
+                              "metrics": MetricRecord({"num-examples": 10})})
+        replies.append(Message(content=content, reply_to=msg))
+    return replies
+
+
+def test_rlr_theta_follows_the_replies_of_the_round():
+    """10 clients, 5 replies that all agree: auto theta is a majority of the 5 (3), so the
+    model moves WITH the mean update (theta 6 from num-clients would reverse it)."""
+    global N
+    cfg = ExperimentConfig.defaults(num_clients=10, aggregation="rlr")
+    strategy = AGGREGATIONS["rlr"](cfg, frozenset())
+    old, N = N, 10
+    try:
+        arrays, _ = strategy.aggregate_train(1, _replies(strategy, 10, 5))
+    finally:
+        N = old
+    assert np.allclose(arrays["fc.weight"].numpy(), 1.0)
+    assert strategy.failures == []
+
+
+def test_rlr_fixed_theta_above_the_replies_refuses_the_round():
+    cfg = ExperimentConfig.defaults(num_clients=N, aggregation="rlr", rlr_theta=6)
+    strategy = AGGREGATIONS["rlr"](cfg, frozenset())
+    arrays, metrics = strategy.aggregate_train(1, _replies(strategy, N, 5))
+    assert arrays is None and metrics is None  # Flower keeps the global model as it was
+    (failure,) = strategy.failures
+    assert failure["kind"] == "refused" and "rlr-theta=6 but only 5 replies" in failure["reason"]
+    arrays, _ = strategy.aggregate_train(2, _replies(strategy, N, 6))  # 6 replies: theta reachable
+    assert np.allclose(arrays["fc.weight"].numpy(), 1.0) and len(strategy.failures) == 1
+
+
+@pytest.mark.parametrize("name,expected", [("rlr", ["RobustLR settings", "theta: auto", "eta: 1.0"]),
+                                           ("invariant", ["InvariantAggregator settings",
+                                                          "sign-agreement threshold: 0.6", "trimmed-mean beta: 0.1"])])
+def test_own_rules_describe_themselves_in_flowers_startup_log(name, expected, caplog):
+    caplog.set_level("INFO", logger="flwr")
+    AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=N, aggregation=name), frozenset({"bn.x"})).summary()
+    text = caplog.text
+    for fragment in expected + ["BatchNorm buffers: 1", "Fraction: train (1.00)"]:
+        assert fragment in text, (fragment, text)
