@@ -63,6 +63,11 @@ class ExperimentConfig:
     flain_rho: float = 0.02
     flain_layer: str = "auto"
     aux_size: int = 0  # 0: the paper's size for the data set
+    flain_cv_tol: float = 0.01
+    flain_cv_folds: int = 5
+    flain_cv_scores: str = "crossfit"
+    flain_cv_select: str = "last-within"
+    flain_cv_accuracy: str = "plain"
     fedpruning_rate: float = 0.0
     fedpruning_extreme: float = 3.0
     fedpruning_finetune_rounds: int = 0
@@ -160,6 +165,8 @@ class ExperimentConfig:
             )
         positive("flain-step", self.flain_step)
         unit_interval("flain-rho", self.flain_rho, low_open=True)
+        unit_interval("flain-cv-tol", self.flain_cv_tol, low_open=True)
+        at_least("flain-cv-folds", self.flain_cv_folds, 2)
         if self.aux_size < 0:
             raise ConfigError(f"aux-size={self.aux_size} is not allowed: 0 (the paper's size) or a positive count")
         positive("rlr-eta", self.rlr_eta)

@@ -20,6 +20,7 @@ PURPOSES: dict[str, int] = {
     "dropout": 6,  # torch's global generator in local training, per round and client
     "aux-split": 7,  # the server's aux set / eval set split of the test split
     "init": 8,  # the initial global model
+    "aux-folds": 9,  # flain-cv: the folds of the aux set
 }
 
 

@@ -33,7 +33,7 @@ from server.checks import check_experiment
 
 EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED = 1, 2, 3, 4
 # what a finished run leaves in its directory (cleared by --overwrite)
-RUN_ARTIFACTS = ("config.json", "rounds.csv", "summary.json", "summary.json.tmp", "plot.png", "*.pt")
+RUN_ARTIFACTS = ("config.json", "rounds.csv", "summary.json", "summary.json.tmp", "plot.png", "aux.npy", "*.pt")
 
 # log lines shown without --verbose: our per-round progress, Flower's round headers, problems
 _PROGRESS = re.compile(r"\[flain\]|\[ROUND \d+/\d+\]|Run directory|ERROR|Error|Traceback|failures")

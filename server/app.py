@@ -82,6 +82,7 @@ def main(grid: Grid, context: Context) -> None:
 def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunRecorder) -> None:
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
     aux_idx, eval_idx = split_test(len(labels), aux_size(cfg), cfg.seed)
+    recorder.save_aux(aux_idx)  # `flain defend` re-applies defenses with exactly this aux set
     evaluator = Evaluator(  # ASR always with the whole pattern (DBA: all parts together)
         build_model(cfg.dataset).to(device),
         images[eval_idx], labels[eval_idx], trigger_scheme(cfg).full, cfg.source_label, cfg.target_label,

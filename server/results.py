@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROUNDS_HEADER = ["round", "acc", "asr", "seconds"]
+AUX_FILE = "aux.npy"
 
 
 class RunRecorder:
@@ -41,6 +43,12 @@ class RunRecorder:
     def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
         path = self.dir / f"{name}.pt"
         torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+        return path
+
+    def save_aux(self, indices: np.ndarray) -> Path:
+        """The aux set's indices in the test split (the rest is the evaluation set)."""
+        path = self.dir / AUX_FILE
+        np.save(path, np.asarray(indices, dtype=np.int64))
         return path
 
     def post_defense(self, name: str, result: dict[str, Any]) -> None:

@@ -47,6 +47,9 @@ class TauView:
     weight: torch.Tensor  # trained W (out x in)
     activations: np.ndarray  # mean input of each of tau's inputs over the aux set (float64)
     evaluate: Evaluate
+    features: torch.Tensor  # tau's inputs for every aux image (N x in)
+    labels: torch.Tensor  # the aux labels, on the model's device
+    head: nn.Sequential  # tau and every layer after it
 
     @classmethod
     def of(cls, model: nn.Sequential, layer: str, aux_images: torch.Tensor, aux_labels: torch.Tensor) -> TauView:
@@ -55,12 +58,16 @@ class TauView:
         body, head = split_at(model, name)
         device = next(model.parameters()).device
         features = tau_inputs(body, aux_images.to(device))
+        labels = aux_labels.to(device)
         return cls(
             model=model,
             name=name,
             weight=model._modules[name].weight.detach().clone(),
             activations=features.mean(0).double().cpu().numpy(),
-            evaluate=head_accuracy(head, name, features, aux_labels.to(device)),
+            evaluate=head_accuracy(head, name, features, labels),
+            features=features,
+            labels=labels,
+            head=head,
         )
 
     def state_with(self, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
