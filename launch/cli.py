@@ -2,6 +2,7 @@
 
   flain run [--set key=value ...] [--name NAME] [--overwrite] [--gpu] [--verbose] [--dry-run]
   flain deploy --nodes N [--tls] [--set key=value ...]
+  flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL]
   flain data fetch NAME [--data-dir DIR]
   flain triggers [--dataset NAME] [--out FILE.png]
   flain table RUN_DIR [RUN_DIR ...]
@@ -231,6 +232,34 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defend(args: argparse.Namespace) -> int:
+    """Post-training defenses on a finished run's saved models, without retraining."""
+    from launch.defend import defend
+
+    run_dir = Path(args.run_dir)
+    try:
+        overrides = parse_overrides(args.set)
+        defenses = [n.strip() for n in args.post_defenses.split(",") if n.strip()]
+        out, summary = defend(run_dir, defenses, overrides, args.name, args.overwrite)
+    except (ConfigError, NotARunDirectory) as exc:
+        print(f"flain: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DataUnavailable as exc:
+        print(f"flain: data error: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    run_summary = json.loads((run_dir / "summary.json").read_text())
+    recheck = summary["no_defense"]
+    if abs(recheck["acc"] - run_summary["final"]["acc"]) > 1e-6:
+        print(f"flain: warning: the final model scores ACC {recheck['acc']:.4f} here but {run_summary['final']['acc']:.4f} "
+              "in the run: the evaluation set differs (aux split or data)", file=sys.stderr)
+    print(format_table({"final": recheck, "post_defenses": summary["post_defenses"]}))
+    print(f"\nflain: results in {out} (aux set: {summary['aux_source']})")
+    if summary["status"] == "defense-failed":
+        print(f"flain: post-training defense(s) FAILED: {', '.join(summary['failed_defenses'])}", file=sys.stderr)
+        return EXIT_DEFENSE_FAILED
+    return 0
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     """Write docker-compose.yml (and the certificates and node keys it mounts)."""
     import flwr
@@ -278,6 +307,16 @@ def parser() -> argparse.ArgumentParser:
     dep.add_argument("--verbose", "-v", action="store_true", help="show every Flower log line")
     dep.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     dep.set_defaults(func=cmd_deploy)
+
+    dfd = sub.add_parser("defend", help="apply post-training defenses to a finished run's saved models")
+    dfd.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with initial.pt and final.pt)")
+    dfd.add_argument("--post-defenses", default="flain-cv", metavar="A,B",
+                     help="defenses to apply (default: flain-cv); fedpruning needs the clients and is refused")
+    dfd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a post-training setting (flain-*), e.g. --set flain-cv-tol=0.005")
+    dfd.add_argument("--name", help="label of the results under RUN_DIR/defended/ (default: from the settings)")
+    dfd.add_argument("--overwrite", action="store_true", help="replace earlier results with the same label")
+    dfd.set_defaults(func=cmd_defend)
 
     data = sub.add_parser("data", help="data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -37,7 +37,9 @@ def format_table(summary: dict[str, Any]) -> str:
             rows.append((name, float("nan"), float("nan"), f"FAILED: {res['error']}"))
             continue
         note = ""
-        if "flipped" in res:
+        if "estimated_drop" in res:
+            note = f"flipped={res['flipped']}/{res.get('inputs', '?')} (cross-fitted aux drop {res['estimated_drop']:.4f})"
+        elif "flipped" in res:
             note = f"lambda={res['threshold']:.4f} flipped={res['flipped']}/{res.get('inputs', '?')}"
             note += " (all flipped)" if res.get("exhausted") else ""
         elif "pruned" in res:
@@ -49,7 +51,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 _RULE_NAMES = {"fedavg": "no-Defense", "rlr": "RLR"}  # the paper's row names
-_DEFENSE_NAMES = {"flain": "FLAIN", "pruning": "Pruning", "fedpruning": "FedPruning"}
+_DEFENSE_NAMES = {"flain": "FLAIN", "flain-cv": "FLAIN-CV", "pruning": "Pruning", "fedpruning": "FedPruning"}
 
 
 def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]:
@@ -62,10 +64,15 @@ def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]
         rule = config["aggregation"]
         base = _RULE_NAMES.get(rule, rule)
         rows.append((run_dir.name, base, summary["final"]["acc"], summary["final"]["asr"]))
-        for name, res in summary.get("post_defenses", {}).items():
-            if "acc" in res:
-                label = _DEFENSE_NAMES.get(name, name)
-                rows.append((run_dir.name, label if rule == "fedavg" else f"{base} + {label}", res["acc"], res["asr"]))
+        defended = [("", summary)] + [
+            (f" [defend {d.name}]", json.loads((d / "summary.json").read_text()))
+            for d in sorted((run_dir / "defended").glob("*")) if (d / "summary.json").is_file()]
+        for mark, results in defended:  # the run's own defenses, then `flain defend`'s
+            for name, res in results.get("post_defenses", {}).items():
+                if "acc" in res:
+                    label = _DEFENSE_NAMES.get(name, name)
+                    label = label if rule == "fedavg" else f"{base} + {label}"
+                    rows.append((run_dir.name, label + mark, res["acc"], res["asr"]))
     return rows
 
 

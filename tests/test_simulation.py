@@ -133,6 +133,36 @@ def test_artifacts(small_run):
     assert not torch.equal(tuned["fc2.weight"], final["fc2.weight"])  # fine-tuning trained the rest
 
 
+def test_defend_reapplies_defenses_to_the_saved_models(small_run, capsys):
+    """`flain defend` rebuilds the run's aux and evaluation sets from aux.npy: the final model
+    scores as in the run, and FLAIN re-applied gives the run's own FLAIN result."""
+    from launch.cli import main
+
+    _, run_dir = small_run
+    assert main(["defend", str(run_dir), "--post-defenses", "flain,flain-cv"]) == 0
+    out = run_dir / "defended" / "flain+flain-cv"
+    summary, run = (json.loads((d / "summary.json").read_text()) for d in (out, run_dir))
+    assert summary["status"] == "completed" and summary["aux_source"] == "aux.npy"
+    assert summary["no_defense"]["acc"] == pytest.approx(run["final"]["acc"], abs=1e-9)
+    assert summary["post_defenses"]["flain"]["flipped"] == run["post_defenses"]["flain"]["flipped"]
+    assert summary["post_defenses"]["flain"]["acc"] == pytest.approx(run["post_defenses"]["flain"]["acc"], abs=1e-9)
+    cv = summary["post_defenses"]["flain-cv"]
+    assert cv["estimated_drop"] <= 0.01 and 0 <= cv["flipped"] <= cv["inputs"]
+    assert (out / "flain-cv.pt").is_file()
+    capsys.readouterr()
+    assert main(["table", str(run_dir)]) == 0
+    assert "| FLAIN-CV [defend flain+flain-cv] |" in capsys.readouterr().out
+
+    for argv, fragment in [
+        (["--post-defenses", "flain,flain-cv"], "already holds results"),
+        (["--post-defenses", "fedpruning"], "cannot run on a saved model"),
+        (["--set", "num-rounds=5"], "num-rounds is a training setting"),
+        (["--set", "flain-cv-tol=0"], "flain-cv-tol=0.0 is not allowed"),
+    ]:
+        assert main(["defend", str(run_dir), *argv]) == 2
+        assert fragment in capsys.readouterr().err, fragment
+
+
 def test_no_process_left_behind(small_run):
     assert _orphans() == set()
 

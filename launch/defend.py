@@ -1,0 +1,133 @@
+"""`flain defend`: apply post-training defenses to a finished run's saved models.
+
+Reads RUN_DIR's config.json, initial.pt (W0) and final.pt, rebuilds the run's own aux set
+and evaluation set, applies the named defenses (the ServerApp's own code path) and writes
+RUN_DIR/defended/<label>/: config.json (what was applied), summary.json (the same
+`post_defenses` fields as the run's) and <defense>.pt. `flain table RUN_DIR` lists them.
+Only post-training settings (`flain-*`) may change; federated pruning needs the clients
+and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks import trigger_scheme
+from experiment.config import ConfigError, ExperimentConfig, default_run_config
+from experiment.data import aux_size, load, split_test, to_float
+from experiment.hardware import pick_device
+from launch.tables import read_run
+from models import build_model
+from server.app import apply_post_defenses
+from server.checks import check_experiment
+from server.evaluation import Evaluator
+from server.results import AUX_FILE
+from strategies.post_training import PostTrainingInput
+
+NEEDS_CLIENTS = ("fedpruning",)
+
+
+def changeable(key: str) -> bool:
+    """Settings a saved model can be re-defended with: the post-training ones (and where the data are)."""
+    return key.startswith("flain-") or key in ("post-defenses", "data-dir")
+
+
+def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: dict[str, Any]) -> ExperimentConfig:
+    """The run's configuration with other post-training settings (checked)."""
+    if not defenses:
+        raise ConfigError("--post-defenses is empty: name at least one defense")
+    for key in overrides:
+        if not changeable(key) and key in default_run_config():
+            raise ConfigError(f"{key} is a training setting: it cannot change for a finished run "
+                              "(only flain-* settings and data-dir can); train again with `flain run`")
+    for name in defenses:
+        if name in NEEDS_CLIENTS:
+            raise ConfigError(f"post-defenses={name!r} asks the clients for their activation rankings in an "
+                              "extra federated round: it cannot run on a saved model; run it with "
+                              f"`flain run --set post-defenses={name}`")
+    base = {k: v for k, v in run_config.items() if k in default_run_config() and k != "run-dir"}
+    cfg = ExperimentConfig.from_run_config(base | overrides | {"post-defenses": ",".join(defenses)})
+    check_experiment(cfg)
+    return cfg
+
+
+def aux_indices(run_dir: Path, run_config: dict[str, Any], cfg: ExperimentConfig, test_size: int) -> tuple[np.ndarray, str]:
+    """The run's aux indices in the test split, and where they came from."""
+    if (run_dir / AUX_FILE).is_file():
+        return np.load(run_dir / AUX_FILE), AUX_FILE
+    size = aux_size(cfg)
+    if "aux-size" in run_config.get("resolved", {}):  # runs of the SeedSequence code, before aux.npy
+        return split_test(test_size, size, cfg.seed)[0], "seeds.rng(seed, 'aux-split')"
+    # runs of the first releases drew the split with np.random.default_rng(seed)
+    return np.sort(np.random.default_rng(cfg.seed).permutation(test_size)[:size]), "np.random.default_rng(seed)"
+
+
+class DefendRecorder:
+    """RUN_DIR/defended/<label>/: summary.json and the defended models."""
+
+    def __init__(self, out: Path, info: dict[str, Any]) -> None:
+        self.dir = out
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.summary: dict[str, Any] = {"status": "running", **info, "post_defenses": {}}
+        self._write()
+
+    def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
+        path = self.dir / f"{name}.pt"
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+        return path
+
+    def post_defense(self, name: str, result: dict[str, Any]) -> None:
+        self.summary["post_defenses"][name] = result
+        self._write()
+
+    def finish(self, failed: list[str]) -> dict[str, Any]:
+        self.summary.update(status="defense-failed" if failed else "completed", failed_defenses=failed)
+        self._write()
+        return self.summary
+
+    def _write(self) -> None:
+        (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+
+
+def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label: str | None,
+           overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Apply `defenses` to RUN_DIR's final model; (output directory, its summary)."""
+    run_config, summary = read_run(run_dir)
+    cfg = defend_config(run_config, defenses, overrides)
+    label = label or "+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))
+    out = run_dir / "defended" / label.replace("/", "_")
+    if (out / "summary.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
+    for name in ("initial.pt", "final.pt"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir} has no {name}: the run did not finish training")
+
+    device = pick_device()
+    images, labels = load(cfg.dataset, cfg.data_dir, train=False)
+    aux_idx, source = aux_indices(run_dir, run_config, cfg, len(labels))
+    eval_mask = np.ones(len(labels), dtype=bool)
+    eval_mask[aux_idx] = False
+    evaluator = Evaluator(build_model(cfg.dataset).to(device), images[eval_mask], labels[eval_mask],
+                          trigger_scheme(cfg).full, cfg.source_label, cfg.target_label)
+    initial = torch.load(run_dir / "initial.pt", map_location=device)
+    final = torch.load(run_dir / "final.pt", map_location=device)
+    model = build_model(cfg.dataset).to(device)
+    model.load_state_dict(final)
+    check = evaluator(final)  # the run's own no-Defense numbers, re-measured on the same images
+    recorder = DefendRecorder(out, {
+        "run": str(run_dir.resolve()), "defenses": defenses, "overrides": overrides, "aux_source": source,
+        "no_defense": check, "device": str(device),
+        "config": {k: v for k, v in cfg.to_run_config().items() if changeable(k) or k == "seed"},
+    })
+    inp = PostTrainingInput(model=model, initial_state=initial, aux_images=to_float(images[aux_idx]),
+                            aux_labels=labels[aux_idx])
+    started = time.perf_counter()
+    failed = apply_post_defenses(cfg, inp, evaluator, recorder)
+    recorder.summary["seconds_total"] = time.perf_counter() - started
+    return out, recorder.finish(failed)

@@ -1,0 +1,99 @@
+"""flain-cv: FLAIN's flip with a cross-fitted, last-within-tolerance stop; the rank-1 flip path."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from strategies.post_training import PostTrainingInput
+from strategies.post_training.flain import flip_updates, rescale
+from strategies.post_training.flain_cv import FlainCV, candidate_counts, select_count, stratified_folds
+from strategies.post_training.flip_path import accuracy, flip_path_accuracy, flip_path_logits
+from tests.test_post_training import BACKDOOR, Z, _backdoored_model, _features, _fresh, _rates
+
+
+def test_flip_path_equals_evaluating_each_rescaled_model():
+    g = torch.Generator().manual_seed(3)
+    head = nn.Sequential(OrderedDict(fc=nn.Linear(30, 12), relu=nn.ReLU(), out=nn.Linear(12, 4))).eval()
+    feats = torch.relu(torch.randn(50, 30, generator=g))
+    w = head.fc.weight.detach().clone()
+    w0 = w + 0.3 * torch.randn(w.shape, generator=g)
+    order = torch.randperm(30, generator=g).numpy()
+    counts = np.array([0, 1, 2, 7, 7, 15, 30])
+    got = list(flip_path_logits(feats, w0, w, head.fc.bias.detach(), head[1:], order, counts))
+    for n, logits in zip(counts, got):
+        mask = np.zeros(30, dtype=bool)
+        mask[order[:n]] = True
+        with torch.no_grad():
+            head.fc.weight.copy_(rescale(flip_updates(w0, w, mask), torch.linalg.matrix_norm(w).item()))
+            want = head(feats)
+        assert torch.allclose(logits, want, atol=1e-5), n
+    labels = torch.randint(0, 4, (50,), generator=g)
+    acc = flip_path_accuracy(feats, labels, w0, w, head.fc.bias.detach(), head[1:], order, counts)
+    assert acc.shape == (7,) and acc[3] == acc[4]
+    with pytest.raises(ValueError, match="ascending"):
+        list(flip_path_logits(feats, w0, w, None, head[1:], order, np.array([3, 1])))
+
+
+def test_balanced_accuracy_weights_classes_equally():
+    logits = torch.tensor([[1.0, 0.0]] * 9 + [[0.0, 1.0]])  # predicts class 0 nine times, 1 once
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    assert accuracy(logits, labels, balanced=False) == pytest.approx(0.9)
+    assert accuracy(logits, labels, balanced=True) == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_select_count_last_within_and_first_beyond():
+    counts = np.array([0, 10, 20, 30, 40])
+    drops = np.array([0.0, 0.0, 0.01, 0.03, 0.02])
+    assert select_count(counts, drops, 0.01, "last-within") == 20  # 0.01 is within, 0.03 is not
+    assert select_count(counts, drops, 0.01, "first-beyond") == 20  # Algorithm 1: the first reaching tol
+    assert select_count(counts, drops, 0.02, "first-beyond") == 30
+    assert select_count(counts, drops, 0.005, "last-within") == 10
+    assert select_count(counts, np.zeros(5), 0.01, "last-within") == 40  # never beyond: everything
+
+
+def test_stratified_folds_spread_every_class():
+    labels = np.repeat(np.arange(10), 20)
+    fold = stratified_folds(labels, 5, np.random.default_rng(0))
+    for c in range(10):
+        assert np.bincount(fold[labels == c], minlength=5).tolist() == [4] * 5
+    odd = stratified_folds(np.array([0, 0, 0, 1, 1, 2]), 4, np.random.default_rng(1))
+    assert sorted(np.bincount(odd, minlength=4).tolist()) == [1, 1, 2, 2]
+
+
+def test_candidate_counts_are_algorithm_1s_flipped_sets():
+    x = np.array([0.0, 0.0005, 0.0031, 0.0031, 0.01])
+    assert candidate_counts(x, 0.001).tolist() == [0, 2, 4, 5]
+
+
+@pytest.mark.parametrize("scores", ["crossfit", "split", "same"])
+def test_flain_cv_removes_the_planted_backdoor_within_tolerance(scores):
+    model, initial, g = _backdoored_model("cpu")
+    acc0, asr0 = _rates(model, g, "cpu")
+    assert acc0 > 0.95 and asr0 > 0.95
+    aux_x, aux_y = _features(200, False, g)
+    state, info = FlainCV(tol=0.01, scores=scores, layer="fc1", seed=1).apply(PostTrainingInput(model, initial, aux_x, aux_y))
+    acc, asr = _rates(_fresh(state, "cpu"), g, "cpu")
+    assert asr < 0.05 and acc >= acc0 - 0.02, (acc, asr, info)  # Algorithm 1 lost 0.3+ here
+    assert info["flipped"] >= 1 and info["estimated_drop"] <= 0.01
+    assert np.argsort(_activations(model, aux_x, aux_y), kind="stable")[0] == BACKDOOR  # flipped first
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v) == (k != "fc1.weight"), k
+
+
+def _activations(model, aux_x, aux_y):
+    from strategies.post_training.tau import TauView
+
+    return TauView.of(model, "fc1", aux_x, aux_y).activations
+
+
+def test_flain_cv_is_reproducible_from_its_seed():
+    model, initial, g = _backdoored_model("cpu")
+    aux_x, aux_y = _features(200, False, g)
+    inp = PostTrainingInput(model, initial, aux_x, aux_y)
+    a = FlainCV(layer="fc1", seed=5).apply(inp)
+    b = FlainCV(layer="fc1", seed=5).apply(inp)
+    assert torch.equal(a[0]["fc1.weight"], b[0]["fc1.weight"]) and a[1]["flipped"] == b[1]["flipped"]
+    assert 1 <= a[1]["flipped"] < Z
