@@ -58,7 +58,7 @@ class ExperimentConfig:
     trim_beta: float = 0.2
     invariant_threshold: float = 0.6
     invariant_beta: float = 0.1
-    post_defenses: str = "flain"
+    post_defenses: str = "flain,flain-cv"
     flain_step: float = 0.001
     flain_rho: float = 0.02
     flain_layer: str = "auto"

@@ -24,7 +24,7 @@ def test_pyproject_table_equals_the_typed_defaults():
     assert set(table) == fields
     cfg = ExperimentConfig.defaults()
     check_experiment(cfg)
-    assert cfg.dataset == "fmnist" and cfg.post_defense_names == ["flain"]
+    assert cfg.dataset == "fmnist" and cfg.post_defense_names == ["flain", "flain-cv"]
     assert cfg.to_run_config() == table
 
 

@@ -25,6 +25,7 @@ The server has no triggered images: the rule sees only the clean aux set.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from experiment import seeds
 from experiment.config import ExperimentConfig
 from strategies.post_training.base import PostTrainingInput
 from strategies.post_training.flain import flip_updates, rescale
-from strategies.post_training.flip_path import flip_path_accuracy
+from strategies.post_training.flip_path import accuracy, flip_path_logits
 from strategies.post_training.tau import TauView
 from strategies.post_training.threshold import thresholds
 
@@ -93,27 +94,36 @@ class FlainCV:
                    step=cfg.flain_step, layer=cfg.flain_layer, seed=cfg.seed)
 
     def drop_curve(self, tau: TauView, w0: torch.Tensor, counts: np.ndarray) -> tuple[float, np.ndarray]:
-        """(acc0, estimated aux-accuracy drop at each count) as `scores` says."""
+        """(acc0, estimated aux-accuracy drop at counts[0], counts[1], ...) as `scores` says,
+        up to and including the first count whose drop is beyond `tol` (the rule never looks
+        further; the whole curve if none is)."""
         features, labels, w = tau.features, tau.labels, tau.weight
         bias, rest = tau.head[0].bias, tau.head[1:]
 
-        def accuracies(rank_on: np.ndarray, score_on: np.ndarray) -> np.ndarray:
+        def walk(rank_on: np.ndarray, score_on: np.ndarray) -> Iterator[float]:
             order = np.argsort(features[torch.as_tensor(rank_on)].mean(0).double().cpu().numpy(), kind="stable")
             idx = torch.as_tensor(score_on, device=features.device)
-            return flip_path_accuracy(features[idx], labels[idx], w0, w, bias, rest, order, counts, self.balanced)
+            for logits in flip_path_logits(features[idx], w0, w, bias, rest, order, counts):
+                yield accuracy(logits, labels[idx], self.balanced)
 
-        n = len(labels)
-        everyone = np.arange(n)
+        everyone = np.arange(len(labels))
         if self.scores == "same":
-            acc = accuracies(everyone, everyone)
+            parts = [(walk(everyone, everyone), 1)]
         else:
             k = 2 if self.scores == "split" else self.folds
             fold = stratified_folds(labels.cpu().numpy(), k, seeds.rng(self.seed, "aux-folds"))
             held_out = range(1) if self.scores == "split" else range(k)  # split: rank on fold 1, score fold 0
-            parts = [(accuracies(np.flatnonzero(fold != f), np.flatnonzero(fold == f)), (fold == f).sum())
+            parts = [(walk(np.flatnonzero(fold != f), np.flatnonzero(fold == f)), int((fold == f).sum()))
                      for f in held_out]
-            acc = sum(a * m for a, m in parts) / sum(m for _, m in parts)
-        return float(acc[0]), acc[0] - acc
+        total = sum(m for _, m in parts)
+        acc: list[float] = []
+        for accs in zip(*(g for g, _ in parts)):  # the folds walk in step
+            acc.append(sum(a * m for a, (_, m) in zip(accs, parts)) / total)
+            drop = acc[0] - acc[-1]
+            if len(acc) > 1 and (drop >= self.tol if self.select == "first-beyond" else drop > self.tol):
+                break
+        acc_arr = np.array(acc)
+        return float(acc_arr[0]), acc_arr[0] - acc_arr
 
     def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         started = time.perf_counter()
@@ -121,8 +131,8 @@ class FlainCV:
         w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
         acc_before = tau.evaluate(tau.weight)
         counts = candidate_counts(tau.activations, self.step)
-        acc0, drops = self.drop_curve(tau, w0, counts)
-        n = select_count(counts, drops, self.tol, self.select)
+        _, drops = self.drop_curve(tau, w0, counts)
+        n = select_count(counts[: len(drops)], drops, self.tol, self.select)
         mask = np.zeros(len(tau.activations), dtype=bool)
         mask[np.argsort(tau.activations, kind="stable")[:n]] = True
         weight = rescale(flip_updates(w0, tau.weight, mask), torch.linalg.matrix_norm(tau.weight).item())
