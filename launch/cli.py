@@ -3,6 +3,7 @@
   flain run [--set key=value ...] [--name NAME] [--overwrite] [--gpu] [--verbose] [--dry-run]
   flain deploy --nodes N [--tls] [--set key=value ...]
   flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL]
+  flain reproduce NAME [--datasets a,b] [--tasks 0-5,0-6] [--seeds N] [--out DIR] [--jobs K] [--dry-run] | --list
   flain data fetch NAME [--data-dir DIR]
   flain triggers [--dataset NAME] [--out FILE.png]
   flain table RUN_DIR [RUN_DIR ...]
@@ -260,6 +261,56 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """The paper's tables: plan the trainings, run what is missing, write the report."""
+    from launch import reproduce as rep
+
+    if args.list:
+        print(rep.listing())
+        return 0
+    if not args.name:
+        print(f"flain: configuration error: give NAME (one of {[*rep.NAMES, 'all']}) or --list", file=sys.stderr)
+        return EXIT_CONFIG
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
+    try:
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds} is not allowed: must be >= 1")
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs} is not allowed: must be >= 1")
+        extra = parse_overrides(args.set)
+        for key in extra:
+            if key in ("run-dir", "seed"):
+                raise ConfigError(f"{key} is set by flain reproduce (runs under --out, --seeds): do not --set it")
+        cells = rep.check_selection(args.name, split(args.datasets), split(args.tasks))
+        trainings = rep.plan(cells, args.seeds, extra)
+        configs = {t.name: rep.resolved(t) for t in trainings}  # every training checked before any starts
+    except ConfigError as exc:
+        print(f"flain: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    out = Path(args.out)
+    if args.dry_run:
+        for t in trainings:
+            state = "reused" if rep.finished(out / "runs" / t.name, configs[t.name]) else "to run"
+            print(f"{t.name}  [{state}; {len(t.cells)} cells]\n  " + json.dumps(t.overrides))
+        print(f"{len(cells)} cells, {len(trainings)} trainings")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fetch(configs[trainings[0].name].dataset, configs[trainings[0].name].data_dir) if trainings else None
+    except DataUnavailable as exc:
+        print(f"flain: data error: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    status = rep.sweep(trainings, out, args.jobs, args.gpu)
+    data = rep.report(trainings, out)
+    data["status"] = status
+    (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "report.md").write_text(rep.markdown(data))
+    rep.plots(data, out)
+    failed = [n for n, s in status.items() if s.startswith("failed")]
+    print(f"flain reproduce: report in {out / 'report.md'}" + (f"; {len(failed)} trainings FAILED" if failed else ""))
+    return EXIT_RUN_FAILED if failed else 0
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     """Write docker-compose.yml (and the certificates and node keys it mounts)."""
     import flwr
@@ -317,6 +368,20 @@ def parser() -> argparse.ArgumentParser:
     dfd.add_argument("--name", help="label of the results under RUN_DIR/defended/ (default: from the settings)")
     dfd.add_argument("--overwrite", action="store_true", help="replace earlier results with the same label")
     dfd.set_defaults(func=cmd_defend)
+
+    rp = sub.add_parser("reproduce", help="run the paper's tables/figures and write a side-by-side report")
+    rp.add_argument("name", nargs="?", metavar="NAME", help="table1 ... table6, fig5, fig6 or all")
+    rp.add_argument("--list", action="store_true", help="print each NAME with its cells and trainings")
+    rp.add_argument("--datasets", help="only these data sets, e.g. fmnist,mnist")
+    rp.add_argument("--tasks", help="only these (source-target) tasks, e.g. 0-5,0-6")
+    rp.add_argument("--seeds", type=int, default=1, help="seeds per cell: 42, 43, ... (default 1)")
+    rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a run-config key in every training, e.g. --set num-rounds=20")
+    rp.add_argument("--out", default="runs/reproduce", help="report directory; trainings go to OUT/runs/")
+    rp.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1; more on a GPU machine)")
+    rp.add_argument("--gpu", action="store_true", help="clients share one GPU in every training")
+    rp.add_argument("--dry-run", action="store_true", help="print the trainings and their settings, run nothing")
+    rp.set_defaults(func=cmd_reproduce)
 
     data = sub.add_parser("data", help="data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -206,7 +206,7 @@ def test_installed_wheel_runs_without_a_source_tree(tmp_path):
     (wheel,) = wheels.glob("flain-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
                    capture_output=True, timeout=300)
-    assert not (site / "pyproject.toml").exists()
+    assert not (site / "pyproject.toml").exists() and (site / "launch" / "paper_results.csv").is_file()
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(site / "bin" / "flain"), "run", "--dry-run", "--set", "num-rounds=3"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,342 @@
+"""`flain reproduce`: run the paper's tables and figures and write a side-by-side report.
+
+The paper's published numbers are data (`paper_results.csv`, one row per cell). A cell's
+defense tells which training it needs: no-Defense, Pruning and FLAIN (and our flain-cv)
+all come from one FedAvg training (the post-training defenses are applied side by side to
+its final model); RLR is its own training. Trainings are ordinary `flain run` directories
+under OUT/runs/; a finished one whose configuration equals what would be submitted is
+reused, never recomputed, so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiment.config import ConfigError, ExperimentConfig, default_run_config
+from server.checks import check_experiment
+
+PAPER_CSV = Path(__file__).with_name("paper_results.csv")
+NAMES = ("table1", "table2", "table3", "table4", "table5", "table6", "fig5", "fig6")
+# Rounds per table. The paper does not state them (the authors' code defaults to 150); 10
+# rounds take 4-8 minutes a training on 2 CPU cores. The report puts every training's
+# no-Defense ACC beside the paper's, so a shorter training shows as such.
+DEFAULT_ROUNDS = {name: 10 for name in NAMES}
+DEFAULT_SEED = 42  # --seeds N uses 42, 43, ..., 42 + N - 1
+POST_DEFENSES = "flain,flain-cv,pruning"  # every FedAvg training gives these rows
+ROW_SOURCE = {"no-Defense": ("fedavg", None), "Pruning": ("fedavg", "pruning"), "FLAIN": ("fedavg", "flain"),
+              "RLR": ("rlr", None), "FLAIN-CV (ours)": ("fedavg", "flain-cv")}
+TOLERANCE = {"asr": 0.02, "acc": 0.01}  # a cell is within: ASR <= paper + 0.02 and ACC >= paper - 0.01
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One published number pair: the setting, the defense, the paper's ASR and ACC (None: drawn only)."""
+
+    table: str
+    dataset: str
+    source: int
+    target: int
+    partition: str
+    clients: int
+    mcr: float
+    pdr: float
+    trigger: str  # cba, dba, or cba-Npx (N trigger pixels)
+    defense: str
+    asr: float | None
+    acc: float | None
+
+    @property
+    def task(self) -> str:
+        return f"{self.source}-{self.target}"
+
+    def setting(self) -> dict[str, Any]:
+        """The run-config keys this cell's training sets."""
+        trigger, _, pixels = self.trigger.partition("-")
+        out = {"dataset": self.dataset, "source-label": self.source, "target-label": self.target,
+               "partition": self.partition, "num-clients": self.clients, "mcr": self.mcr, "pdr": self.pdr,
+               "trigger": trigger}
+        if pixels:
+            out["trigger-pixels"] = int(pixels.removesuffix("px"))
+        return out
+
+
+def paper_cells(path: Path = PAPER_CSV) -> list[Cell]:
+    with path.open() as f:
+        rows = csv.DictReader(line for line in f if not line.startswith("#"))
+        return [Cell(r["table"], r["dataset"], int(r["source"]), int(r["target"]), r["partition"], int(r["clients"]),
+                     float(r["mcr"]), float(r["pdr"]), r["trigger"], r["defense"],
+                     float(r["asr"]) if r["asr"] else None, float(r["acc"]) if r["acc"] else None) for r in rows]
+
+
+@dataclass
+class Training:
+    """One `flain run` that serves one or more cells."""
+
+    name: str
+    overrides: dict[str, Any]  # run-config keys (all but run-dir)
+    cells: list[Cell] = field(default_factory=list)
+
+
+def select(cells: Iterable[Cell], name: str, datasets: list[str] | None, tasks: list[str] | None) -> list[Cell]:
+    names = NAMES if name == "all" else (name,)
+    return [c for c in cells if c.table in names and (not datasets or c.dataset in datasets)
+            and (not tasks or c.task in tasks)]
+
+
+def plan(cells: list[Cell], seeds: int, extra: dict[str, Any]) -> list[Training]:
+    """The trainings the cells need, each once (shared across cells and tables)."""
+    trainings: dict[str, Training] = {}
+    for cell in cells:
+        aggregation = ROW_SOURCE.get(cell.defense, ("fedavg", None))[0]
+        for seed in range(DEFAULT_SEED, DEFAULT_SEED + seeds):
+            overrides = {**cell.setting(), "num-rounds": DEFAULT_ROUNDS[cell.table], "aggregation": aggregation,
+                         "post-defenses": POST_DEFENSES if aggregation == "fedavg" else "", "seed": seed, **extra}
+            named = ("dataset", "source-label", "target-label", "aggregation", "seed", "post-defenses", "data-dir")
+            name = f"{cell.dataset}_{cell.task}_{aggregation}_s{seed}" + "".join(
+                f"_{k}={v}" for k, v in sorted(overrides.items()) if k not in named and default_run_config().get(k) != v)
+            training = trainings.setdefault(name, Training(name, overrides))
+            training.cells.append(cell)
+            if cell.defense == "FLAIN":  # our stop rule beside the paper's (not in the paper: no numbers)
+                training.cells.append(dataclasses.replace(cell, defense="FLAIN-CV (ours)", asr=None, acc=None))
+    return list(trainings.values())
+
+
+def resolved(training: Training) -> ExperimentConfig:
+    cfg = ExperimentConfig.from_run_config(default_run_config() | training.overrides)
+    check_experiment(cfg)
+    return cfg
+
+
+_IDENTITY_SKIP = ("run-dir", "data-dir", "post-defenses")
+
+
+def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """A completed run of exactly this configuration (where the data live does not count)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if summary.get("status") not in ("completed", "defense-failed"):
+        return False
+    want = {k: v for k, v in cfg.to_run_config().items() if k not in _IDENTITY_SKIP}
+    return all(config.get(k) == v for k, v in want.items()) and \
+        set(cfg.post_defense_names) <= set(summary.get("post_defenses", {}))
+
+
+def run_training(training: Training, run_dir: Path, gpu: bool, quiet: bool) -> int:
+    """`flain run` for one training in a fresh process; its exit code."""
+    cmd = [sys.executable, "-m", "launch.cli", "run", "--overwrite"]
+    for key, value in {**training.overrides, "run-dir": str(run_dir)}.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    if gpu:
+        cmd.append("--gpu")
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT if quiet else None).returncode
+
+
+def sweep(trainings: list[Training], out: Path, jobs: int, gpu: bool) -> dict[str, str]:
+    """Run what is not finished yet; {training name: 'reused' | 'done' | 'failed (code N)'}."""
+    status: dict[str, str] = {}
+    todo = []
+    for t in trainings:
+        if finished(out / "runs" / t.name, resolved(t)):
+            status[t.name] = "reused"
+        else:
+            todo.append(t)
+    print(f"flain reproduce: {len(trainings)} trainings, {len(trainings) - len(todo)} reused, {len(todo)} to run",
+          flush=True)
+    started, done = time.monotonic(), 0
+
+    def one(t: Training) -> None:
+        nonlocal done
+        print(f"flain reproduce: [{done + 1}/{len(todo)}] {t.name}", flush=True)
+        code = run_training(t, out / "runs" / t.name, gpu, quiet=jobs > 1)
+        status[t.name] = "done" if code in (0, 4) else f"failed (code {code})"
+        done += 1
+        per = (time.monotonic() - started) / done
+        left = math.ceil((len(todo) - done) / jobs) * per
+        print(f"flain reproduce: {done}/{len(todo)} trainings finished ({status[t.name]}); "
+              f"about {left / 60:.0f} min left", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, todo))
+    return status
+
+
+# ---- the report ------------------------------------------------------------------------
+def _ours(cell: Cell, summary: dict[str, Any]) -> tuple[float, float] | None:
+    _, key = ROW_SOURCE.get(cell.defense, ("fedavg", None))
+    result = summary.get("final") if key is None else summary.get("post_defenses", {}).get(key)
+    if not result or "acc" not in result:
+        return None
+    return result["asr"], result["acc"]
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def report(trainings: list[Training], out: Path) -> dict[str, Any]:
+    """report.json's content: every cell with the paper's numbers and ours."""
+    by_cell: dict[Cell, list[tuple[str, dict[str, Any]]]] = {}
+    paper_no_defense = {(c.table, c.dataset, c.task, c.partition, c.clients, c.mcr, c.pdr, c.trigger): c.acc
+                        for c in paper_cells() if c.defense == "no-Defense"}
+    trainings_out = []
+    for t in trainings:
+        run_dir = out / "runs" / t.name
+        summary = None
+        if (run_dir / "summary.json").is_file():
+            summary = json.loads((run_dir / "summary.json").read_text())
+            if summary.get("status") not in ("completed", "defense-failed"):
+                summary = None
+        for cell in t.cells:
+            by_cell.setdefault(cell, [])
+            if summary is not None:
+                by_cell[cell].append((t.name, summary))
+        if summary is not None and t.overrides["aggregation"] == "fedavg":
+            c = t.cells[0]
+            paper_acc = paper_no_defense.get((c.table, c.dataset, c.task, c.partition, c.clients, c.mcr, c.pdr,
+                                              c.trigger))
+            trainings_out.append({"run": f"runs/{t.name}", "rounds": t.overrides["num-rounds"],
+                                  "seed": t.overrides["seed"], "no_defense_acc": summary["final"]["acc"],
+                                  "paper_no_defense_acc": paper_acc,
+                                  "gap": None if paper_acc is None else summary["final"]["acc"] - paper_acc})
+    cells_out = []
+    for cell, runs in by_cell.items():
+        values = [v for _, s in runs if (v := _ours(cell, s)) is not None]
+        entry: dict[str, Any] = {**{k: getattr(cell, k) for k in Cell.__dataclass_fields__},
+                                 "paper": {"asr": cell.asr, "acc": cell.acc}, "runs": [f"runs/{n}" for n, _ in runs]}
+        if not values:
+            entry["ours"] = None
+        else:
+            (asr, asr_sd), (acc, acc_sd) = _stats([v[0] for v in values]), _stats([v[1] for v in values])
+            entry["ours"] = {"asr": asr, "asr_std": asr_sd, "acc": acc, "acc_std": acc_sd, "seeds": len(values)}
+            if cell.asr is not None:
+                entry["diff"] = {"asr": asr - cell.asr, "acc": acc - cell.acc}
+                entry["within_tolerance"] = asr <= cell.asr + TOLERANCE["asr"] and acc >= cell.acc - TOLERANCE["acc"]
+        cells_out.append(entry)
+    return {"tolerance": TOLERANCE, "rounds": {t: DEFAULT_ROUNDS[t] for t in NAMES}, "cells": cells_out,
+            "trainings": trainings_out}
+
+
+def _fmt(x: float | None, sd: float | None = None, n: int | None = None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.3f}" + (f" ± {sd:.3f} (n={n})" if sd is not None and n is not None else "")
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = ["# FLAIN reproduction report", "",
+             "Paper: Ding et al., Tables 1-6 (Fig. 5/6 settings only: the paper draws those numbers). Ours: mean ± std "
+             f"over seeds. A cell is within tolerance when ASR <= paper + {TOLERANCE['asr']} and ACC >= paper - "
+             f"{TOLERANCE['acc']}. Cells with no finished training say \"not run\".", ""]
+    tables = sorted({c["table"] for c in data["cells"]}, key=NAMES.index)
+    for table in tables:
+        lines += [f"## {table}", "", "| dataset | task | partition | clients | MCR | PDR | trigger | defense | paper ASR "
+                  "| paper ACC | our ASR | our ACC | ΔASR | ΔACC | within |", "| " + " | ".join(["---"] * 15) + " |"]
+        for c in (c for c in data["cells"] if c["table"] == table):
+            ours = c["ours"]
+            if ours is None:
+                cols = ["not run", "not run", "", "", ""]
+            else:
+                diff = c.get("diff")
+                cols = [_fmt(ours["asr"], ours["asr_std"], ours["seeds"]), _fmt(ours["acc"], ours["acc_std"], ours["seeds"]),
+                        f"{diff['asr']:+.3f}" if diff else "", f"{diff['acc']:+.3f}" if diff else "",
+                        ("yes" if c["within_tolerance"] else "**no**") if diff else ""]
+            lines.append(f"| {c['dataset']} | ({c['source']},{c['target']}) | {c['partition']} | {c['clients']} | "
+                         f"{c['mcr']} | {c['pdr']} | {c['trigger']} | {c['defense']} | {_fmt(c['paper']['asr'])} | "
+                         f"{_fmt(c['paper']['acc'])} | " + " | ".join(cols) + " |")
+        lines.append("")
+    lines += ["## Trainings", "", "Every FedAvg training's no-Defense ACC beside the paper's: a negative gap means our "
+              "training is shorter or weaker than the paper's, not that a defense cost accuracy.", "",
+              "| run | rounds | seed | no-Defense ACC | paper | gap |", "| --- | --- | --- | --- | --- | --- |"]
+    for t in data["trainings"]:
+        gap = "" if t["gap"] is None else f"{t['gap']:+.3f}"
+        lines.append(f"| {t['run']} | {t['rounds']} | {t['seed']} | {t['no_defense_acc']:.3f} | "
+                     f"{_fmt(t['paper_no_defense_acc'])} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(data: dict[str, Any], out: Path) -> list[Path]:
+    """Paper vs ours per table (ASR and ACC per cell); Fig. 5/6 as line plots of ours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for table in sorted({c["table"] for c in data["cells"]}, key=NAMES.index):
+        cells = [c for c in data["cells"] if c["table"] == table and c["ours"] is not None]
+        if not cells:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        if table in ("fig5", "fig6"):
+            key = "trigger" if table == "fig5" else "pdr"
+            for (dataset, task, defense), group in _groups(cells, ("dataset", "source", "target", "defense")):
+                xs = [c[key] for c in group]
+                xs = [int(x.split("-")[1].removesuffix("px")) if table == "fig5" else x for x in xs]
+                for ax, metric in zip(axes, ("asr", "acc")):
+                    ax.plot(xs, [c["ours"][metric] for c in group], "-o", label=f"{dataset} {task} {defense}")
+            for ax, metric in zip(axes, ("ASR", "ACC")):
+                ax.set(xlabel="trigger pixels" if table == "fig5" else "PDR", ylabel=f"our {metric}")
+        else:
+            for ax, metric in zip(axes, ("asr", "acc")):
+                paper = [c["paper"][metric] for c in cells]
+                ours = [c["ours"][metric] for c in cells]
+                ax.scatter(paper, ours, c=[hash(c["defense"]) % 10 for c in cells], cmap="tab10")
+                lo = min(paper + ours + [0])
+                ax.plot([lo, 1], [lo, 1], "k--", lw=0.8)
+                ax.set(xlabel=f"paper {metric.upper()}", ylabel=f"our {metric.upper()}")
+        axes[0].legend(fontsize=6) if table in ("fig5", "fig6") else None
+        fig.suptitle(f"{table}: paper vs ours")
+        fig.tight_layout()
+        path = out / f"{table}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _groups(cells: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[tuple[Any, str, str], list]]:
+    groups: dict[tuple, list] = {}
+    for c in cells:
+        groups.setdefault(tuple(c[k] for k in keys), []).append(c)
+    return [((k[0], f"({k[1]},{k[2]})", k[3]), v) for k, v in groups.items()]
+
+
+def listing() -> str:
+    cells = paper_cells()
+    lines = []
+    for name in (*NAMES, "all"):
+        chosen = select(cells, name, None, None)
+        lines.append(f"{name:<8} {len(chosen):4d} cells  {len(plan(chosen, 1, {})):4d} trainings per seed "
+                     f"({DEFAULT_ROUNDS.get(name, 10)} rounds)")
+    return "\n".join(lines)
+
+
+def check_selection(name: str, datasets: list[str] | None, tasks: list[str] | None) -> list[Cell]:
+    """The cells, or a ConfigError naming the bad value and the allowed ones."""
+    if name not in (*NAMES, "all"):
+        raise ConfigError(f"NAME={name!r} is not allowed: choose one of {[*NAMES, 'all']}")
+    cells = paper_cells()
+    inside = select(cells, name, None, None)
+    for value, allowed, key in ((datasets, {c.dataset for c in inside}, "--datasets"),
+                                (tasks, {c.task for c in inside}, "--tasks")):
+        for v in value or []:
+            if v not in allowed:
+                raise ConfigError(f"{key} {v!r} is not in {name}: choose from {sorted(allowed)}")
+    return select(cells, name, datasets, tasks)

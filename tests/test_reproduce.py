@@ -1,0 +1,108 @@
+"""`flain reproduce`: the paper's numbers as data, the plan, reuse of finished runs, the report."""
+
+import json
+
+import pytest
+
+from experiment.config import ExperimentConfig
+from launch import reproduce as rep
+from launch.cli import main
+
+
+def _cell(table, dataset, task, defense, **kw):
+    (cell,) = [c for c in rep.paper_cells() if c.table == table and c.dataset == dataset and c.task == task
+               and c.defense == defense and all(getattr(c, k) == v for k, v in kw.items())]
+    return cell
+
+
+@pytest.mark.parametrize("table,dataset,task,defense,kw,asr,acc", [
+    ("table1", "fmnist", "0-5", "FLAIN", {}, 0.0, 0.900),
+    ("table1", "fmnist", "0-5", "no-Defense", {}, 0.991, 0.901),
+    ("table1", "mnist", "0-6", "RLR", {}, 0.0, 0.980),
+    ("table1", "cifar10", "0-7", "Pruning", {}, 0.606, 0.705),
+    ("table2", "fmnist", "0-6", "Pruning", {}, 0.178, 0.887),
+    ("table2", "cifar10", "0-5", "FLAIN", {}, 0.0, 0.781),
+    ("table3", "mnist", "3-6", "RLR", {"clients": 20, "mcr": 0.6}, 0.0, 0.953),
+    ("table4", "emnist", "10-20", "no-Defense", {"clients": 10, "mcr": 0.5}, 0.992, 0.854),
+    ("table5", "fmnist", "6-8", "FLAIN", {"clients": 20, "mcr": 0.4}, 0.001, 0.888),
+    ("table6", "cifar10", "4-5", "RLR", {"clients": 20, "mcr": 0.6}, 0.798, 0.670),
+])
+def test_paper_cells_match_the_paper_text(table, dataset, task, defense, kw, asr, acc):
+    cell = _cell(table, dataset, task, defense, **kw)
+    assert (cell.asr, cell.acc) == (asr, acc)
+
+
+def test_paper_settings():
+    assert _cell("table1", "cifar10", "0-5", "FLAIN").trigger == "dba"  # Table 1's CIFAR-10 column is DBA
+    assert _cell("table2", "cifar10", "0-5", "FLAIN").partition == "dirichlet"
+    assert _cell("table6", "cifar10", "4-5", "FLAIN", clients=20, mcr=0.4).trigger == "dba"
+    fig5 = [c for c in rep.paper_cells() if c.table == "fig5"]
+    assert {c.trigger for c in fig5} == {"cba-3px", "cba-5px", "cba-7px", "cba-9px"} and all(c.pdr == 0.5 for c in fig5)
+    fig6 = [c for c in rep.paper_cells() if c.table == "fig6"]
+    assert {c.pdr for c in fig6} == {0.2, 0.3, 0.4, 0.5, 0.6} and {c.clients for c in fig6} == {15}
+    assert {c.task for c in fig6} == {"5-8", "8-5", "4-7", "7-4"} and all(c.asr is None for c in fig6)
+    assert len([c for c in rep.paper_cells() if c.table in ("table1", "table2")]) == 96
+
+
+def test_one_fedavg_training_serves_three_rows_and_rlr_its_own():
+    cells = rep.select(rep.paper_cells(), "table1", ["fmnist"], ["0-5", "0-6"])
+    trainings = rep.plan(cells, seeds=2, extra={"num-rounds": 3})
+    assert len(cells) == 8 and len(trainings) == 2 * 2 * 2  # tasks x (fedavg, rlr) x seeds
+    fedavg = [t for t in trainings if t.overrides["aggregation"] == "fedavg"]
+    assert all(sorted(c.defense for c in t.cells) == ["FLAIN", "FLAIN-CV (ours)", "Pruning", "no-Defense"]
+               for t in fedavg)
+    assert {t.overrides["seed"] for t in trainings} == {42, 43}
+    pixels = rep.plan(rep.select(rep.paper_cells(), "fig5", ["fmnist"], None), 1, {})
+    assert sorted(t.overrides["trigger-pixels"] for t in pixels) == [3, 5, 7, 9]
+    for t in trainings + pixels:
+        rep.resolved(t)  # every planned training is a valid configuration
+
+
+def _fake_run(run_dir, cfg: ExperimentConfig, final, post):
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_run_config() | {"run-dir": str(run_dir)}))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "final": final, "post_defenses": post}))
+
+
+def test_finished_runs_are_reused_and_the_report_compares(tmp_path, capsys):
+    cells = rep.select(rep.paper_cells(), "table1", ["fmnist"], ["0-5"])
+    trainings = rep.plan(cells, seeds=1, extra={})
+    fedavg = next(t for t in trainings if t.overrides["aggregation"] == "fedavg")
+    cfg = rep.resolved(fedavg)
+    assert not rep.finished(tmp_path / "runs" / fedavg.name, cfg)
+    _fake_run(tmp_path / "runs" / fedavg.name, cfg, {"acc": 0.88, "asr": 0.95},
+              {"flain": {"acc": 0.895, "asr": 0.01}, "pruning": {"acc": 0.86, "asr": 0.1},
+               "flain-cv": {"acc": 0.87, "asr": 0.0}})
+    assert rep.finished(tmp_path / "runs" / fedavg.name, cfg)
+    assert not rep.finished(tmp_path / "runs" / fedavg.name, cfg.replace(num_rounds=11))  # other settings: rerun
+
+    data = rep.report(trainings, tmp_path)
+    by_defense = {c["defense"]: c for c in data["cells"]}
+    flain = by_defense["FLAIN"]
+    assert flain["paper"] == {"asr": 0.0, "acc": 0.9} and flain["ours"]["acc"] == 0.895 and flain["ours"]["seeds"] == 1
+    assert flain["within_tolerance"] and not by_defense["Pruning"]["within_tolerance"]  # ASR 0.1 > 0.021 + 0.02
+    assert by_defense["RLR"]["ours"] is None  # its training did not run
+    assert data["trainings"][0]["gap"] == pytest.approx(0.88 - 0.901)
+    md = rep.markdown(data)
+    assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | RLR | 0.003 | 0.870 | not run |" in md
+    assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | Pruning | 0.021 | 0.890 |" in md and "**no**" in md
+    assert "| FLAIN-CV (ours) | — | — | 0.000 ± 0.000 (n=1) | 0.870 ± 0.000 (n=1) |" in md
+
+    # the command reuses the finished training: the dry run says so
+    assert main(["reproduce", "table1", "--datasets", "fmnist", "--tasks", "0-5", "--out", str(tmp_path),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{fedavg.name}  [reused; 4 cells]" in out and "[to run; 1 cells]" in out
+
+
+def test_reproduce_bad_input_is_one_line(capsys):
+    for argv, fragment in [(["reproduce", "table9"], "NAME='table9'"),
+                           (["reproduce", "table1", "--tasks", "1-2"], "--tasks '1-2' is not in table1"),
+                           (["reproduce", "table1", "--seeds", "0"], "--seeds 0"),
+                           (["reproduce", "table1", "--set", "seed=3"], "seed is set by flain reproduce"),
+                           (["reproduce"], "give NAME")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert main(["reproduce", "--list"]) == 0
+    assert "table1     48 cells" in capsys.readouterr().out
