@@ -122,7 +122,9 @@ _IDENTITY_SKIP = ("run-dir", "data-dir", "post-defenses")
 
 
 def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    """A completed run of exactly this configuration (where the data live does not count)."""
+    """A completed training of exactly this configuration. Where the data live does not count,
+    nor which post-training defenses ran: missing ones are applied to its saved models
+    (`complete_defenses`), a training is never repeated for them."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -131,8 +133,35 @@ def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
     if summary.get("status") not in ("completed", "defense-failed"):
         return False
     want = {k: v for k, v in cfg.to_run_config().items() if k not in _IDENTITY_SKIP}
-    return all(config.get(k) == v for k, v in want.items()) and \
-        set(cfg.post_defense_names) <= set(summary.get("post_defenses", {}))
+    # keys newer than the run (absent from its config.json) must be at their defaults
+    return all(config.get(k, default_run_config()[k]) == v for k, v in want.items())
+
+
+DEFENDED_LABEL = "reproduce"  # RUN_DIR/defended/reproduce: defenses the run itself did not apply
+
+
+def results(run_dir: Path) -> dict[str, Any]:
+    """The run's summary with `flain defend` results (label `reproduce`) merged into post_defenses."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    extra = run_dir / "defended" / DEFENDED_LABEL / "summary.json"
+    if extra.is_file():
+        own = summary.setdefault("post_defenses", {})
+        for name, result in json.loads(extra.read_text()).get("post_defenses", {}).items():
+            if "acc" not in own.get(name, {}):  # missing, or failed in the run
+                own[name] = result
+    return summary
+
+
+def complete_defenses(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
+    """Apply the post-training defenses a finished run lacks to its saved models; their names."""
+    from launch.defend import defend
+
+    have = {k for k, v in results(run_dir).get("post_defenses", {}).items() if "acc" in v}
+    missing = [n for n in cfg.post_defense_names if n not in have]
+    if missing:
+        print(f"flain reproduce: applying {','.join(missing)} to {run_dir.name}'s saved models", flush=True)
+        defend(run_dir, missing, {}, DEFENDED_LABEL, overwrite=True)
+    return missing
 
 
 def run_training(training: Training, run_dir: Path, gpu: bool, quiet: bool) -> int:
@@ -172,6 +201,9 @@ def sweep(trainings: list[Training], out: Path, jobs: int, gpu: bool) -> dict[st
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
+    for t in trainings:
+        if status[t.name] in ("reused", "done") and t.overrides["aggregation"] == "fedavg":
+            complete_defenses(out / "runs" / t.name, resolved(t))
     return status
 
 
@@ -200,7 +232,7 @@ def report(trainings: list[Training], out: Path) -> dict[str, Any]:
         run_dir = out / "runs" / t.name
         summary = None
         if (run_dir / "summary.json").is_file():
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = results(run_dir)
             if summary.get("status") not in ("completed", "defense-failed"):
                 summary = None
         for cell in t.cells:

@@ -163,6 +163,29 @@ def test_defend_reapplies_defenses_to_the_saved_models(small_run, capsys):
         assert fragment in capsys.readouterr().err, fragment
 
 
+def test_reproduce_adopts_a_finished_training_and_adds_missing_defenses(small_run, tmp_path):
+    """A finished run of the same training is reused whatever defenses it ran; the missing
+    ones are applied to its saved models, never by training again."""
+    import shutil
+
+    from experiment.config import ExperimentConfig
+    from launch import reproduce as rep
+
+    _, run_dir = small_run
+    config = json.loads((run_dir / "config.json").read_text())
+    keys = set(rep.default_run_config()) - {"run-dir", "data-dir"}
+    training = rep.Training("adopted", {k: config[k] for k in keys} | {"post-defenses": "flain,flain-cv,pruning"})
+    cfg = rep.resolved(training)
+    copy = tmp_path / "runs" / "adopted"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("defended"))
+    assert rep.finished(copy, cfg) and not rep.finished(copy, cfg.replace(num_rounds=3))
+    assert sorted(rep.complete_defenses(copy, cfg)) == ["flain-cv", "pruning"]  # pruning failed in the run
+    merged = rep.results(copy)["post_defenses"]
+    assert {"flain", "flain-cv", "pruning"} <= {k for k, v in merged.items() if "acc" in v}
+    assert rep.complete_defenses(copy, cfg) == []  # nothing left to add
+    assert isinstance(cfg, ExperimentConfig)
+
+
 def test_no_process_left_behind(small_run):
     assert _orphans() == set()
 
