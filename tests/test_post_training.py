@@ -5,13 +5,11 @@ Pruning and federated pruning `apply`, the evaluator, and device-agnostic masks.
 machine, so a mask left on the CPU fails here as it would on a GPU), and CUDA where present."""
 
 from collections import OrderedDict
-from collections.abc import Iterable
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from torch import nn
 
 from attacks.triggers import PixelTrigger
@@ -21,6 +19,7 @@ from strategies.post_training.fedpruning import FedPruning, clip_extremes
 from strategies.post_training.flain import Flain, flip_updates
 from strategies.post_training.pruning import Pruning, prune_columns
 from strategies.post_training.tau import TauView
+from tests.grids import LocalGrid
 
 DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
 COMPUTE_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -107,15 +106,13 @@ def test_pruning_apply_zeroes_the_silent_inputs(device):
     assert info["aux_acc_before"] - info["aux_acc_after"] >= 0.02 or info["exhausted"]
 
 
-class RankingGrid(Grid):
+class RankingGrid(LocalGrid):
     """An in-process federation for the ranking query: node i answers with the real client
     ranking (`client.training.input_ranks`) on its own data."""
 
     def __init__(self, data: list[torch.Tensor]) -> None:
+        super().__init__(len(data))
         self.data = data
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(range(1, len(self.data) + 1))
 
     def send_and_receive(self, messages, *, timeout=None):
         from client.training import input_ranks
@@ -130,22 +127,6 @@ class RankingGrid(Grid):
                                   "metrics": MetricRecord({"num-examples": len(images)})})
             replies.append(Message(content=content, reply_to=msg))
         return replies
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *a, **k):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
 
 def test_fedpruning_apply_prunes_by_the_clients_rankings():

@@ -2,44 +2,17 @@
 
 (The whole loop over a real simulation is in test_simulation.py.)"""
 
-from collections.abc import Iterable
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from experiment.config import ExperimentConfig
 from strategies import AGGREGATIONS
+from tests.grids import LocalGrid
 
 N = 7  # enough clients for Bulyan with krum-f=1 (n >= 4f + 3)
-
-
-class NodesOnly(Grid):
-    """The part of a Grid that configure_train uses: the connected node ids."""
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(range(1, N + 1))
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *a, **k):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +34,7 @@ def test_rule_aggregates_replies(name):
     buffers = frozenset({"bn.running_mean", "bn.num_batches_tracked"})
     strategy = AGGREGATIONS[name](cfg, buffers)
     start = np.zeros((2, 3))
-    sent = list(strategy.configure_train(1, _state(start, 0.0, 0), ConfigRecord(), NodesOnly()))
+    sent = list(strategy.configure_train(1, _state(start, 0.0, 0), ConfigRecord(), LocalGrid(N)))
     assert len(sent) == N  # every client, every round
     rng = np.random.default_rng(0)
     replies = []
@@ -98,7 +71,7 @@ def test_malformed_replies_are_rejected_not_aggregated(name, bad, reason):
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name)
     strategy = AGGREGATIONS[name](cfg, frozenset())
     sent = list(strategy.configure_train(1, ArrayRecord({"fc.weight": Array(np.zeros((2, 3), np.float32))}),
-                                         ConfigRecord(), NodesOnly()))
+                                         ConfigRecord(), LocalGrid(N)))
     replies = []
     for i, msg in enumerate(sent):
         arrays = {k: v.astype(np.float32) for k, v in bad.items()} if i == 0 else {"fc.weight": np.ones((2, 3), np.float32)}
@@ -115,7 +88,7 @@ def test_malformed_replies_are_rejected_not_aggregated(name, bad, reason):
 
 def _replies(strategy, n_sent: int, n_replies: int, value: float = 1.0):
     sent = list(strategy.configure_train(1, ArrayRecord({"fc.weight": Array(np.zeros((2, 3), np.float32))}),
-                                         ConfigRecord(), NodesOnly()))[:n_sent]
+                                         ConfigRecord(), LocalGrid(n_sent)))
     replies = []
     for msg in sent[:n_replies]:
         content = RecordDict({"arrays": ArrayRecord({"fc.weight": Array(np.full((2, 3), value, np.float32))}),
@@ -127,14 +100,9 @@ def _replies(strategy, n_sent: int, n_replies: int, value: float = 1.0):
 def test_rlr_theta_follows_the_replies_of_the_round():
     """10 clients, 5 replies that all agree: auto theta is a majority of the 5 (3), so the
     model moves WITH the mean update (theta 6 from num-clients would reverse it)."""
-    global N
     cfg = ExperimentConfig.defaults(num_clients=10, aggregation="rlr")
     strategy = AGGREGATIONS["rlr"](cfg, frozenset())
-    old, N = N, 10
-    try:
-        arrays, _ = strategy.aggregate_train(1, _replies(strategy, 10, 5))
-    finally:
-        N = old
+    arrays, _ = strategy.aggregate_train(1, _replies(strategy, 10, 5))
     assert np.allclose(arrays["fc.weight"].numpy(), 1.0)
     assert strategy.failures == []
 
