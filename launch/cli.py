@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,14 +51,18 @@ def resolve(overrides: dict[str, Any], name: str | None) -> ExperimentConfig:
 
 
 def _writable(key: str, path: Path) -> None:
-    """`path` (or, if it does not exist yet, its nearest existing parent) can be written."""
+    """`path` (or, if it does not exist yet, its nearest existing parent) can be written: a
+    throwaway file is made and removed there (permission bits do not tell for root or /proc)."""
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"{key}='{path}' cannot be used: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}='{path}' cannot be written: no write permission in {existing}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}='{path}' cannot be written: {exc.strerror or exc} in {existing}") from None
 
 
 def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:

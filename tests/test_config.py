@@ -175,6 +175,7 @@ def test_cli_refuses_unwritable_dirs_and_a_finished_run(capsys, tmp_path):
     blocker.write_text("not a directory")
     err = _one_line_error(capsys, ["run", "--dry-run", "--set", f"data-dir='{blocker / 'data'}'"])
     assert "data-dir=" in err and "is a file, not a directory" in err
+    assert "cannot be written" in _one_line_error(capsys, ["run", "--dry-run", "--set", "data-dir='/proc/flain-data'"])
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     if not __import__("os").access(locked, __import__("os").W_OK):  # root can write anywhere
