@@ -34,14 +34,20 @@ from strategies.post_training.tau import TauView, tau_inputs  # noqa: E402
 # name -> FlainCV settings (tol, scores, select, balanced); "flain" is Algorithm 1 itself
 CANDIDATES: dict[str, dict] = {
     "A1 flain rho=0.02 (Algorithm 1)": {},
-    "same / first-beyond / 0.01": dict(tol=0.01, scores="same", select="first-beyond"),
-    "same / last-within / 0.01": dict(tol=0.01, scores="same", select="last-within"),
-    "split / last-within / 0.01": dict(tol=0.01, scores="split", select="last-within"),
-    "crossfit5 / first-beyond / 0.01": dict(tol=0.01, scores="crossfit", select="first-beyond"),
-    "crossfit5 / last-within / 0.005": dict(tol=0.005, scores="crossfit", select="last-within"),
-    "crossfit5 / last-within / 0.01": dict(tol=0.01, scores="crossfit", select="last-within"),
-    "crossfit5 / last-within / 0.02": dict(tol=0.02, scores="crossfit", select="last-within"),
-    "crossfit5 balanced / last-within / 0.01": dict(tol=0.01, scores="crossfit", select="last-within", balanced=True),
+    "same / first-beyond / 0.01": dict(tol=0.01, scores="same", select="first-beyond", soft=False),
+    "same / last-within / 0.01": dict(tol=0.01, scores="same", select="last-within", soft=False),
+    "split / last-within / 0.01": dict(tol=0.01, scores="split", select="last-within", soft=False),
+    "crossfit5 / first-beyond / 0.01": dict(tol=0.01, scores="crossfit", select="first-beyond", soft=False),
+    "crossfit5 / last-within / 0.005": dict(tol=0.005, scores="crossfit", select="last-within", soft=False),
+    "crossfit5 / last-within / 0.01": dict(tol=0.01, scores="crossfit", select="last-within", soft=False),
+    "crossfit5 / last-within / 0.02": dict(tol=0.02, scores="crossfit", select="last-within", soft=False),
+    "crossfit5 balanced / last-within / 0.01": dict(tol=0.01, scores="crossfit", select="last-within", balanced=True,
+                                                    soft=False),
+    # round 2: the soft accuracy (mean true-class probability)
+    "soft crossfit5 / last-within / 0.01": dict(tol=0.01, scores="crossfit", select="last-within", soft=True),
+    "soft crossfit5 / last-within / 0.015": dict(tol=0.015, scores="crossfit", select="last-within", soft=True),
+    "soft crossfit5 / last-within / 0.02": dict(tol=0.02, scores="crossfit", select="last-within", soft=True),
+    "soft same / last-within / 0.015": dict(tol=0.015, scores="same", select="last-within", soft=True),
 }
 
 
@@ -136,8 +142,8 @@ def main() -> None:
     for run_dir in args.runs:
         result = study(run_dir)
         (args.out / f"{run_dir.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, ["A1 flain rho=0.02 (Algorithm 1)", "same / last-within / 0.01",
-                      "crossfit5 / last-within / 0.01"], args.out / f"{run_dir.name}.png")
+        plot(result, ["A1 flain rho=0.02 (Algorithm 1)", "crossfit5 / last-within / 0.01",
+                      "soft crossfit5 / last-within / 0.02"], args.out / f"{run_dir.name}.png")
         nd = result["no_defense"]
         print(f"\n{result['run']} ({result['dataset']}, seed {result['seed']}): no-Defense ACC {nd['acc']:.4f} "
               f"ASR {nd['asr']:.4f}; oracle (test labels, ASR<=0.02): {result['oracle']}")

@@ -63,11 +63,11 @@ class ExperimentConfig:
     flain_rho: float = 0.02
     flain_layer: str = "auto"
     aux_size: int = 0  # 0: the paper's size for the data set
-    flain_cv_tol: float = 0.01
+    flain_cv_tol: float = 0.02
     flain_cv_folds: int = 5
     flain_cv_scores: str = "crossfit"
     flain_cv_select: str = "last-within"
-    flain_cv_accuracy: str = "plain"
+    flain_cv_accuracy: str = "soft"
     fedpruning_rate: float = 0.0
     fedpruning_extreme: float = 3.0
     fedpruning_finetune_rounds: int = 0

@@ -42,6 +42,9 @@ def test_balanced_accuracy_weights_classes_equally():
     labels = torch.tensor([0] * 8 + [1] * 2)
     assert accuracy(logits, labels, balanced=False) == pytest.approx(0.9)
     assert accuracy(logits, labels, balanced=True) == pytest.approx((1.0 + 0.5) / 2)
+    p = torch.softmax(torch.tensor([1.0, 0.0]), 0)  # 0.731 on the predicted class
+    want = (8 * p[0] + 1 * p[0] + 1 * p[1]) / 10  # eight right, one right, one wrong (its true class gets 0.269)
+    assert accuracy(logits, labels, soft=True) == pytest.approx(want.item())
 
 
 def test_select_count_last_within_and_first_beyond():

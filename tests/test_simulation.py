@@ -147,7 +147,7 @@ def test_defend_reapplies_defenses_to_the_saved_models(small_run, capsys):
     assert summary["post_defenses"]["flain"]["flipped"] == run["post_defenses"]["flain"]["flipped"]
     assert summary["post_defenses"]["flain"]["acc"] == pytest.approx(run["post_defenses"]["flain"]["acc"], abs=1e-9)
     cv = summary["post_defenses"]["flain-cv"]
-    assert cv["estimated_drop"] <= 0.01 and 0 <= cv["flipped"] <= cv["inputs"]
+    assert cv["estimated_drop"] <= 0.02 and 0 <= cv["flipped"] <= cv["inputs"]
     assert (out / "flain-cv.pt").is_file()
     capsys.readouterr()
     assert main(["table", str(run_dir)]) == 0

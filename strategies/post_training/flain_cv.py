@@ -14,11 +14,17 @@ The rule (see docs/stop-rule-study.md for the study that chose it):
      the n lowest for every n where Algorithm 1's flipped set can change (thresholds
      min + k * `flain-step` of the whole aux set), and score the returned (rescaled)
      model on the held-out fold: every image is scored by a model not chosen on it.
-  3. The cross-fitted drop at n is acc(0) - mean held-out accuracy at n.
-  4. Raise n until that drop exceeds `flain-cv-tol`, and return the LAST n within it
-     (`flain-cv-select=last-within`), flipping the n lowest inputs ranked on the whole aux set.
+  3. The cross-fitted drop at n is acc(0) - mean held-out accuracy at n, where the accuracy
+     is "soft": the mean probability of the true class (`flain-cv-accuracy=soft`). The 0/1
+     accuracy of 200 images moves in steps of 0.005 and its noise is about +-0.01, the size
+     of the tolerance itself: on one run it crossed 0.01 after 141 inputs while the test
+     drop stayed at 0.000, and the rule stopped with the backdoor in place.
+  4. Raise n until that drop exceeds `flain-cv-tol` (0.02 of true-class probability; the
+     test accuracy drop at the stop was 0.001-0.012 in the study), and return the LAST n
+     within it (`flain-cv-select=last-within`), flipping the n lowest inputs ranked on the
+     whole aux set.
 Variants for studies: `flain-cv-scores=same|split|crossfit` (who ranks and who measures),
-`flain-cv-select=first-beyond|last-within`, `flain-cv-accuracy=plain|balanced`.
+`flain-cv-select=first-beyond|last-within`, `flain-cv-accuracy=plain|balanced|soft`.
 The server has no triggered images: the rule sees only the clean aux set.
 """
 
@@ -42,7 +48,7 @@ from strategies.post_training.threshold import thresholds
 
 SCORES = ("crossfit", "split", "same")
 SELECTS = ("last-within", "first-beyond")
-ACCURACIES = ("plain", "balanced")
+ACCURACIES = ("plain", "balanced", "soft")
 
 
 def stratified_folds(labels: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
@@ -76,13 +82,15 @@ def select_count(counts: np.ndarray, drops: np.ndarray, tol: float, select: str)
 
 @dataclass(frozen=True)
 class FlainCV:
-    """Post-training defense: FLAIN's flip with the cross-fitted, last-within-tolerance stop."""
+    """Post-training defense: FLAIN's flip with the cross-fitted, last-within-tolerance stop
+    on the soft (true-class probability) aux accuracy."""
 
-    tol: float = 0.01
+    tol: float = 0.02
     folds: int = 5
     scores: str = "crossfit"
     select: str = "last-within"
     balanced: bool = False
+    soft: bool = True
     step: float = 0.001
     layer: str = "auto"
     seed: int = 0
@@ -91,6 +99,7 @@ class FlainCV:
     def from_config(cls, cfg: ExperimentConfig) -> FlainCV:
         return cls(tol=cfg.flain_cv_tol, folds=cfg.flain_cv_folds, scores=cfg.flain_cv_scores,
                    select=cfg.flain_cv_select, balanced=cfg.flain_cv_accuracy == "balanced",
+                   soft=cfg.flain_cv_accuracy == "soft",
                    step=cfg.flain_step, layer=cfg.flain_layer, seed=cfg.seed)
 
     def drop_curve(self, tau: TauView, w0: torch.Tensor, counts: np.ndarray) -> tuple[float, np.ndarray]:
@@ -104,7 +113,7 @@ class FlainCV:
             order = np.argsort(features[torch.as_tensor(rank_on)].mean(0).double().cpu().numpy(), kind="stable")
             idx = torch.as_tensor(score_on, device=features.device)
             for logits in flip_path_logits(features[idx], w0, w, bias, rest, order, counts):
-                yield accuracy(logits, labels[idx], self.balanced)
+                yield accuracy(logits, labels[idx], self.balanced, self.soft)
 
         everyone = np.arange(len(labels))
         if self.scores == "same":
@@ -147,7 +156,7 @@ class FlainCV:
             "aux_acc_before": acc_before,
             "aux_acc_after": aux_acc_after,
             "rule": {"scores": self.scores, "select": self.select, "tol": self.tol, "folds": self.folds,
-                     "accuracy": "balanced" if self.balanced else "plain"},
+                     "accuracy": "balanced" if self.balanced else "soft" if self.soft else "plain"},
             "evaluations": int(len(counts)),
             "search_seconds": time.perf_counter() - started,
         }
