@@ -326,14 +326,17 @@ def plots(data: dict[str, Any], out: Path) -> list[Path]:
             for ax, metric in zip(axes, ("ASR", "ACC")):
                 ax.set(xlabel="trigger pixels" if table == "fig5" else "PDR", ylabel=f"our {metric}")
         else:
+            published = [c for c in cells if c["paper"]["acc"] is not None]  # our extra rows have no paper value
             for ax, metric in zip(axes, ("asr", "acc")):
-                paper = [c["paper"][metric] for c in cells]
-                ours = [c["ours"][metric] for c in cells]
-                ax.scatter(paper, ours, c=[hash(c["defense"]) % 10 for c in cells], cmap="tab10")
+                paper = [c["paper"][metric] for c in published]
+                ours = [c["ours"][metric] for c in published]
+                for defense in sorted({c["defense"] for c in published}):
+                    ax.scatter([p for p, c in zip(paper, published) if c["defense"] == defense],
+                               [o for o, c in zip(ours, published) if c["defense"] == defense], label=defense)
                 lo = min(paper + ours + [0])
                 ax.plot([lo, 1], [lo, 1], "k--", lw=0.8)
                 ax.set(xlabel=f"paper {metric.upper()}", ylabel=f"our {metric.upper()}")
-        axes[0].legend(fontsize=6) if table in ("fig5", "fig6") else None
+        axes[0].legend(fontsize=6)
         fig.suptitle(f"{table}: paper vs ours")
         fig.tight_layout()
         path = out / f"{table}.png"

@@ -88,6 +88,8 @@ def test_finished_runs_are_reused_and_the_report_compares(tmp_path, capsys):
     assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | Pruning | 0.021 | 0.890 |" in md and "**no**" in md
     assert "| FLAIN-CV (ours) | — | — | 0.000 ± 0.000 (n=1) | 0.870 ± 0.000 (n=1) |" in md
 
+    assert [p.name for p in rep.plots(data, tmp_path)] == ["table1.png"]
+
     # the command reuses the finished training: the dry run says so
     assert main(["reproduce", "table1", "--datasets", "fmnist", "--tasks", "0-5", "--out", str(tmp_path),
                  "--dry-run"]) == 0
