@@ -141,13 +141,15 @@ DEFENDED_LABEL = "reproduce"  # RUN_DIR/defended/reproduce: defenses the run its
 
 
 def results(run_dir: Path) -> dict[str, Any]:
-    """The run's summary with `flain defend` results (label `reproduce`) merged into post_defenses."""
+    """The run's summary with `flain defend` results (label `reproduce`) merged into post_defenses:
+    a defense applied there (missing from the run, or re-applied after a change of its code with
+    `flain defend RUN --name reproduce --overwrite`) takes precedence over the run's own entry."""
     summary = json.loads((run_dir / "summary.json").read_text())
     extra = run_dir / "defended" / DEFENDED_LABEL / "summary.json"
     if extra.is_file():
         own = summary.setdefault("post_defenses", {})
         for name, result in json.loads(extra.read_text()).get("post_defenses", {}).items():
-            if "acc" not in own.get(name, {}):  # missing, or failed in the run
+            if "acc" in result or "acc" not in own.get(name, {}):
                 own[name] = result
     return summary
 
