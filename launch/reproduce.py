@@ -161,8 +161,11 @@ def complete_defenses(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
     have = {k for k, v in results(run_dir).get("post_defenses", {}).items() if "acc" in v}
     missing = [n for n in cfg.post_defense_names if n not in have]
     if missing:
-        print(f"flain reproduce: applying {','.join(missing)} to {run_dir.name}'s saved models", flush=True)
-        defend(run_dir, missing, {}, DEFENDED_LABEL, overwrite=True)
+        extra = run_dir / "defended" / DEFENDED_LABEL / "summary.json"
+        earlier = list(json.loads(extra.read_text()).get("post_defenses", {})) if extra.is_file() else []
+        names = earlier + [n for n in missing if n not in earlier]  # the directory is rewritten whole
+        print(f"flain reproduce: applying {','.join(names)} to {run_dir.name}'s saved models", flush=True)
+        defend(run_dir, names, {}, DEFENDED_LABEL, overwrite=True)
     return missing
 
 
