@@ -304,7 +304,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     except DataUnavailable as exc:
         print(f"flain: data error: {exc}", file=sys.stderr)
         return EXIT_DATA
-    status = rep.sweep(trainings, out, args.jobs, args.gpu)
+    status = rep.sweep(trainings, out, args.jobs, args.gpu, run=not args.report_only)
     data = rep.report(trainings, out)
     data["status"] = status
     (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -385,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1; more on a GPU machine)")
     rp.add_argument("--gpu", action="store_true", help="clients share one GPU in every training")
     rp.add_argument("--dry-run", action="store_true", help="print the trainings and their settings, run nothing")
+    rp.add_argument("--report-only", action="store_true",
+                    help="write the report from the trainings already finished; start none")
     rp.set_defaults(func=cmd_reproduce)
 
     data = sub.add_parser("data", help="data sets")

@@ -132,7 +132,8 @@ def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
         return False
     if summary.get("status") not in ("completed", "defense-failed"):
         return False
-    want = {k: v for k, v in cfg.to_run_config().items() if k not in _IDENTITY_SKIP}
+    want = {k: v for k, v in cfg.to_run_config().items()
+            if k not in _IDENTITY_SKIP and not k.startswith(("flain-", "fedpruning-"))}  # post-training settings
     # keys newer than the run (absent from its config.json) must be at their defaults
     return all(config.get(k, default_run_config()[k]) == v for k, v in want.items())
 
@@ -180,8 +181,9 @@ def run_training(training: Training, run_dir: Path, gpu: bool, quiet: bool) -> i
     return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT if quiet else None).returncode
 
 
-def sweep(trainings: list[Training], out: Path, jobs: int, gpu: bool) -> dict[str, str]:
-    """Run what is not finished yet; {training name: 'reused' | 'done' | 'failed (code N)'}."""
+def sweep(trainings: list[Training], out: Path, jobs: int, gpu: bool, run: bool = True) -> dict[str, str]:
+    """Run what is not finished yet (`run`), then apply missing post-training defenses;
+    {training name: 'reused' | 'done' | 'failed (code N)' | 'not run'}."""
     status: dict[str, str] = {}
     todo = []
     for t in trainings:
@@ -189,8 +191,11 @@ def sweep(trainings: list[Training], out: Path, jobs: int, gpu: bool) -> dict[st
             status[t.name] = "reused"
         else:
             todo.append(t)
-    print(f"flain reproduce: {len(trainings)} trainings, {len(trainings) - len(todo)} reused, {len(todo)} to run",
-          flush=True)
+    print(f"flain reproduce: {len(trainings)} trainings, {len(trainings) - len(todo)} reused, "
+          f"{len(todo)} {'to run' if run else 'not run (--report-only)'}", flush=True)
+    if not run:
+        status.update({t.name: "not run" for t in todo})
+        todo = []
     started, done = time.monotonic(), 0
 
     def one(t: Training) -> None:

@@ -95,6 +95,12 @@ def test_finished_runs_are_reused_and_the_report_compares(tmp_path, capsys):
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{fedavg.name}  [reused; 4 cells]" in out and "[to run; 1 cells]" in out
+    # --report-only writes the report from what has finished and starts nothing
+    assert main(["reproduce", "table1", "--datasets", "fmnist", "--tasks", "0-5", "--out", str(tmp_path),
+                 "--report-only"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == {fedavg.name: "reused", next(t.name for t in trainings if t is not fedavg): "not run"}
+    assert "not run" in (tmp_path / "report.md").read_text() and (tmp_path / "table1.png").is_file()
 
 
 def test_reproduce_bad_input_is_one_line(capsys):
