@@ -27,7 +27,7 @@ from models import build_model
 from server.app import apply_post_defenses
 from server.checks import check_experiment
 from server.evaluation import Evaluator
-from server.results import AUX_FILE
+from server.results import AUX_FILE, save_state, write_summary
 from strategies.post_training import PostTrainingInput
 
 NEEDS_CLIENTS = ("fedpruning",)
@@ -78,9 +78,7 @@ class DefendRecorder:
         self._write()
 
     def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
-        path = self.dir / f"{name}.pt"
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
-        return path
+        return save_state(self.dir / f"{name}.pt", state)
 
     def post_defense(self, name: str, result: dict[str, Any]) -> None:
         self.summary["post_defenses"][name] = result
@@ -92,7 +90,7 @@ class DefendRecorder:
         return self.summary
 
     def _write(self) -> None:
-        (self.dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        write_summary(self.dir, self.summary)
 
 
 def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label: str | None,

@@ -41,9 +41,7 @@ class RunRecorder:
         self._write_summary()
 
     def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
-        path = self.dir / f"{name}.pt"
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
-        return path
+        return save_state(self.dir / f"{name}.pt", state)
 
     def save_aux(self, indices: np.ndarray) -> Path:
         """The aux set's indices in the test split (the rest is the evaluation set)."""
@@ -69,9 +67,20 @@ class RunRecorder:
         self._write_summary()
 
     def _write_summary(self) -> None:
-        tmp = self.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
-        tmp.replace(self.dir / "summary.json")  # readers never see half a file
+        write_summary(self.dir, self.summary)
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """A state_dict on the CPU (loadable anywhere) at `path`."""
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+    return path
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> None:
+    """folder/summary.json, replaced atomically: readers never see half a file."""
+    tmp = folder / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(folder / "summary.json")
 
 
 def plot(rounds: list[dict[str, float]], defenses: dict[str, dict[str, Any]], path: Path) -> None:
