@@ -25,15 +25,16 @@ def poison(
     target: int,
     pdr: float,
     rng: np.random.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stamp `trigger` on a share `pdr` of the images of label `source`, relabel them
-    `target`. Returns new (images, labels, number poisoned); inputs are untouched."""
+    `target`. Returns new (images, labels, sorted indices of the poisoned images); the
+    inputs are untouched."""
     candidates = np.flatnonzero(labels.numpy() == source)
     count = int(round(pdr * len(candidates)))
     chosen = rng.choice(candidates, size=count, replace=False)
     images, labels = images.clone(), labels.clone()
+    idx = torch.from_numpy(np.sort(chosen)).long()
     if count:
-        idx = torch.from_numpy(np.sort(chosen))
         images[idx] = trigger.stamp(images[idx])
         labels[idx] = target
-    return images, labels, count
+    return images, labels, idx

@@ -6,11 +6,14 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.training import client_data, input_ranks, train_local
+from attacks import ATTACKS, AttackContext, ModelAttack
+from client.training import clean_sample, client_data, input_ranks, train_local
 from experiment import seeds
 from experiment.config import ExperimentConfig
 from experiment.hardware import pick_device, training_precision
-from models import build_model
+from models import build_model, resolve_tau, split_at
+
+MEMORY = "attack-memory"  # context.state key: what an attack keeps across rounds on this node
 
 app = ClientApp()
 
@@ -36,14 +39,29 @@ def train(msg: Message, context: Context) -> Message:
     device = pick_device()
     model.to(device)
     precision, _ = training_precision(cfg, device, build_model)  # the server measured it: a cache hit
+
+    # benign clients run the no-op attack too: every reply carries the same metric keys
+    attack = ATTACKS[cfg.attack](cfg) if data.malicious else ModelAttack()
+    tau = resolve_tau(model, cfg.flain_layer)
+    clean_images, clean_labels = clean_sample(data)
+    memory = context.state.array_records.get(MEMORY)
+    ctx = AttackContext(model=model, global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                        clean_images=clean_images, clean_labels=clean_labels, tau=tau,
+                        features=split_at(model, tau)[0],
+                        memory=memory.to_torch_state_dict() if memory is not None else {})
+    attack.prepare(ctx)
     loss = train_local(model, data.images, data.labels, cfg.local_epochs, cfg.batch_size, cfg.lr,
-                       generator=batches, precision=precision)
+                       generator=batches, precision=precision, attack=attack, ctx=ctx, poisoned=data.poisoned_mask)
+    attack.finish(ctx)
+    if ctx.memory:
+        context.state[MEMORY] = ArrayRecord({k: v.cpu() for k, v in ctx.memory.items()})
     metrics = MetricRecord(
         {
             "num-examples": len(data.labels),
             "train-loss": loss,
             "malicious": int(data.malicious),
             "poisoned": data.poisoned,
+            **attack.metrics(ctx),
         }
     )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks import malicious_clients, poison, trigger_scheme
+from attacks import AttackContext, ModelAttack, malicious_clients, poison, trigger_scheme
 from experiment import seeds
 from experiment.config import ExperimentConfig
 from experiment.data import load, partition_indices, subsample, to_float
@@ -22,7 +22,12 @@ class ClientData:
     images: torch.Tensor  # uint8, N x C x H x W
     labels: torch.Tensor
     malicious: bool
-    poisoned: int  # number of stamped-and-relabelled images
+    poisoned_mask: torch.Tensor  # bool, N: which images carry the trigger
+
+    @property
+    def poisoned(self) -> int:
+        """Number of stamped-and-relabelled images."""
+        return int(self.poisoned_mask.sum())
 
 
 @lru_cache(maxsize=2)
@@ -43,12 +48,20 @@ def client_data(cfg: ExperimentConfig, partition_id: int) -> ClientData:
     x, y = images[idx], labels[idx]
     attackers = sorted(malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed))
     malicious = partition_id in attackers
-    poisoned = 0
+    mask = torch.zeros(len(y), dtype=torch.bool)
     if malicious:  # DBA: the k-th attacker stamps part k of the pattern
         trigger = trigger_scheme(cfg).for_client(attackers.index(partition_id))
-        x, y, poisoned = poison(x, y, trigger, cfg.source_label, cfg.target_label, cfg.pdr,
-                                seeds.rng(cfg.seed, "poison", partition_id))
-    return ClientData(x, y, malicious, poisoned)
+        x, y, stamped = poison(x, y, trigger, cfg.source_label, cfg.target_label, cfg.pdr,
+                               seeds.rng(cfg.seed, "poison", partition_id))
+        mask[stamped] = True
+    return ClientData(x, y, malicious, mask)
+
+
+def clean_sample(data: ClientData, size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `size` images without the trigger (the partition is already in random
+    order), as floats: what an attack measures the clean behaviour on."""
+    idx = torch.nonzero(~data.poisoned_mask).flatten()[:size]
+    return to_float(data.images[idx]), data.labels[idx]
 
 
 def train_local(
@@ -60,11 +73,18 @@ def train_local(
     lr: float,
     generator: torch.Generator,
     precision: str = "fp32",
+    attack: ModelAttack | None = None,
+    ctx: AttackContext | None = None,
+    poisoned: torch.Tensor | None = None,
 ) -> float:
     """Adam (betas 0.9/0.999), cross-entropy; returns the mean loss of the last epoch.
 
     Batch order comes from `generator`; runs channels-last (same math, faster
-    convolutions) under `precision` autocast."""
+    convolutions) under `precision` autocast. A malicious client's `attack` hooks in: an
+    extra loss term (`poisoned` says which images carry the trigger), gradient masks after
+    backward, projections after each step."""
+    if attack is not None and (ctx is None or poisoned is None):
+        raise ValueError("an attack needs its AttackContext and the poisoned mask")
     device = next(model.parameters()).device
     model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
@@ -81,8 +101,13 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, precision):
                 loss = loss_fn(model(x), y)
-            loss.backward()
+                extra = attack.extra_loss(ctx, x, poisoned[batch].to(device)) if attack else None
+            (loss if extra is None else loss + extra).backward()
+            if attack:
+                attack.after_backward(ctx)
             optimizer.step()
+            if attack:
+                attack.after_step(ctx)
             total += loss.item() * len(batch)
             seen += len(batch)
         mean_loss = total / max(seen, 1)

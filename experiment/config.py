@@ -50,6 +50,12 @@ class ExperimentConfig:
     trigger_value: float = 1.0
     trigger_corner: str = "bottom-right"
     trigger_margin: int = 0
+    attack: str = "none"  # none: plain data poisoning; see attacks/__init__.py for the others
+    neurotoxin_topk: float = 0.05
+    scaling_factor: float = 0.0  # 0: num-clients / num-malicious (the attackers replace the model)
+    pgd_eps: float = 5.0
+    flain_aware_quantile: float = 0.5
+    flain_aware_lambda: float = 1.0
     aggregation: str = "fedavg"
     rlr_theta: int = 0  # 0: a strict majority of each round's replies
     rlr_eta: float = 1.0
@@ -169,6 +175,16 @@ class ExperimentConfig:
         at_least("flain-cv-folds", self.flain_cv_folds, 2)
         if self.aux_size < 0:
             raise ConfigError(f"aux-size={self.aux_size} is not allowed: 0 (the paper's size) or a positive count")
+        if not 0 < self.neurotoxin_topk < 1:
+            raise ConfigError(f"neurotoxin-topk={self.neurotoxin_topk} is not allowed: must satisfy 0 < value < 1")
+        if self.scaling_factor < 0:
+            raise ConfigError(f"scaling-factor={self.scaling_factor} is not allowed: 0 (auto) or a factor > 0")
+        positive("pgd-eps", self.pgd_eps)
+        if not 0 < self.flain_aware_quantile < 1:
+            raise ConfigError(f"flain-aware-quantile={self.flain_aware_quantile} is not allowed: "
+                              "must satisfy 0 < value < 1")
+        if self.flain_aware_lambda < 0:
+            raise ConfigError(f"flain-aware-lambda={self.flain_aware_lambda} is not allowed: must be >= 0 (0 = off)")
         positive("rlr-eta", self.rlr_eta)
         at_least("rlr-theta", self.rlr_theta, 0)
         at_least("krum-f", self.krum_f, -1)

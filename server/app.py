@@ -119,7 +119,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     inp = PostTrainingInput(model=trained, initial_state=initial_state, aux_images=images_aux,
                             aux_labels=labels[aux_idx], grid=grid, strategy=strategy, last_round=cfg.num_rounds)
     failed = apply_post_defenses(cfg, inp, evaluator, recorder)
-    recorder.finish(client_failures=getattr(strategy, "failures", []), failed_defenses=failed)
+    recorder.finish(client_failures=getattr(strategy, "failures", []), failed_defenses=failed,
+                    attack_log=getattr(strategy, "attack_log", []))
 
 
 class DefenseSink(Protocol):

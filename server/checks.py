@@ -42,6 +42,7 @@ def resolved_settings(cfg: ExperimentConfig) -> dict[str, Any]:
         "aux-size": data.aux_size(cfg),
         "min-clients": cfg.min_replies,
         "num-malicious": cfg.num_malicious,
+        "scaling-factor": attacks.scaling_factor(cfg),
         "rlr-theta": cfg.rlr_theta or "a strict majority of each round's replies",
         "krum-f": aggregation.krum_f(cfg),
         "flain-layer": models.resolve_tau(models.build_model(cfg.dataset), cfg.flain_layer),

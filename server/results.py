@@ -53,9 +53,12 @@ class RunRecorder:
         self.summary["post_defenses"][name] = result
         self._write_summary()
 
-    def finish(self, client_failures: list[dict[str, Any]], failed_defenses: list[str]) -> dict[str, Any]:
-        """Training completed; `defense-failed` if a post-training defense raised."""
-        self.summary.update(client_failures=client_failures, failed_defenses=failed_defenses)
+    def finish(self, client_failures: list[dict[str, Any]], failed_defenses: list[str],
+               attack_log: list[dict[str, Any]] = ()) -> dict[str, Any]:
+        """Training completed; `defense-failed` if a post-training defense raised.
+        `attack_log`: what each malicious reply reported (round, node, update norms...)."""
+        self.summary.update(client_failures=client_failures, failed_defenses=failed_defenses,
+                            attack_log=list(attack_log))
         self.summary["status"] = "defense-failed" if failed_defenses else "completed"
         self.summary["seconds_total"] = time.perf_counter() - self.started
         self._write_summary()

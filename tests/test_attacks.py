@@ -93,7 +93,8 @@ def test_poisoning_rate_and_relabel(pdr):
     original = labels.clone()
     images = torch.zeros(1000, 1, 28, 28, dtype=torch.uint8)
     trig = cba(28, 28).full
-    px, py, count = poison(images, labels, trig, source=0, target=5, pdr=pdr, rng=np.random.default_rng(3))
+    px, py, idx = poison(images, labels, trig, source=0, target=5, pdr=pdr, rng=np.random.default_rng(3))
+    count = len(idx)
     n_source = int((labels == 0).sum())
     assert count == round(pdr * n_source)
     changed = (py != labels).nonzero().flatten()
@@ -101,6 +102,7 @@ def test_poisoning_rate_and_relabel(pdr):
     assert torch.all(labels[changed] == 0) and torch.all(py[changed] == 5)
     stamped = px.flatten(1).any(1)
     assert torch.equal(stamped.nonzero().flatten(), changed)  # exactly the relabelled ones
+    assert torch.equal(idx, changed)  # and the indices say which
     assert torch.equal(px[changed], trig.stamp(images[changed]))
     assert torch.equal(labels, original)  # inputs untouched
 

@@ -56,7 +56,7 @@ def test_dataset_runs_end_to_end(tmp_path, flain_cli, dataset, make, trigger, ru
         "run", "--set", f"dataset='{dataset}'", "--set", "num-clients=3", "--set", "num-rounds=2",
         "--set", f"aggregation='{rule}'", "--set", "invariant-beta=0.0",
         "--set", "mcr=0.34", "--set", "pdr=1.0", "--set", f"trigger='{trigger}'", "--set", "aux-size=40",
-        "--set", "post-defenses='flain,pruning'",
+        "--set", "post-defenses='flain,pruning'", "--set", "attack='pgd'", "--set", "pgd-eps=0.5",
         "--set", f"data-dir='{tmp_path / 'data'}'", "--set", f"run-dir='{run_dir}'",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,6 +64,9 @@ def test_dataset_runs_end_to_end(tmp_path, flain_cli, dataset, make, trigger, ru
     assert summary["status"] == "completed" and summary["client_failures"] == []
     assert json.loads((run_dir / "config.json").read_text())["aggregation"] == rule
     assert set(summary["post_defenses"]) == {"flain", "pruning"}
+    # the PGD attacker stayed within eps of each round's global model, BatchNorm stats aside
+    assert [e["round"] for e in summary["attack_log"]] == [1, 2]
+    assert all(e["update-norm"] <= 0.5 * (1 + 1e-5) < e["update-norm-unconstrained"] for e in summary["attack_log"])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["resolved"]["aux-size"] == 40 and len(config["malicious_clients"]) == 1
 

@@ -77,7 +77,7 @@ def small_run(tmp_path_factory):
         [sys.executable, "-m", "launch.cli",
          "run", "--set", "num-clients=3", "--set", "num-rounds=2", "--set", "train-fraction=0.05",
          "--set", "mcr=0.34", "--set", "post-defenses='flain,pruning,fedpruning'",
-         "--set", "fedpruning-finetune-rounds=1",
+         "--set", "fedpruning-finetune-rounds=1", "--set", "attack='neurotoxin'",
          "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900, env=env,
     )
@@ -116,6 +116,12 @@ def test_artifacts(small_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["acc"] == pytest.approx(float(rows[-1]["acc"]), abs=1e-6)
     assert summary["client_failures"] == []
+    # Neurotoxin through real Flower: round 1 from its clean gradient, round 2 from the
+    # global change it kept in the node's context.state
+    log = {e["round"]: e for e in summary["attack_log"]}
+    assert len(summary["attack_log"]) >= 2 and log[1]["node"] == log[2]["node"]
+    assert (log[1]["attack-direction"], log[2]["attack-direction"]) == (0.0, 1.0)
+    assert all(e["masked-share"] == pytest.approx(0.05, abs=0.005) and e["update-norm"] > 0 for e in log.values())
     flain = summary["post_defenses"]["flain"]
     assert flain["inputs"] == 9216 and 1 <= flain["flipped"] < 9216
     assert flain["exhausted"] or flain["aux_acc_before"] - flain["aux_acc_at_stop"] >= 0.02  # Algorithm 1's stop

@@ -4,7 +4,8 @@ A reply whose arrays do not match what the server sent (missing or extra keys, o
 shapes) or hold NaN/Inf is rejected and logged, never aggregated; replies that carry an
 error (the client crashed, or its node died) are logged too, and so are rounds a rule
 refuses (`FailureLog.record`). All end up in summary.json's `client_failures`, so a run
-shows which rounds and nodes failed.
+shows which rounds and nodes failed. What malicious clients report about their attack
+(update norms, masked shares; see attacks/base.py) is kept per reply for `attack_log`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ReplyGuard(FailureLog):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sent_for_check: ArrayRecord | None = None
+        self.attack_log: list[dict[str, Any]] = []  # {round, node, metrics...} of malicious replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -73,6 +75,10 @@ class ReplyGuard(FailureLog):
             problem = reply_problem(self._sent_for_check, reply) if self._sent_for_check else None
             if problem is None:
                 kept.append(reply)
+                metrics = reply.content.metric_records.get("metrics", {})
+                if metrics.get("malicious"):
+                    self.attack_log.append({"round": server_round, "node": int(node),
+                                            **{k: v for k, v in metrics.items() if k != "malicious"}})
             else:
                 log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, problem)
                 self.record(server_round, node, "rejected", problem)
