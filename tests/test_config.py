@@ -28,6 +28,18 @@ def test_pyproject_table_equals_the_typed_defaults():
     assert cfg.to_run_config() == table
 
 
+def test_readme_lists_every_key_with_its_default():
+    """The README's configuration table is what the code does: every key, its default."""
+    import re
+
+    rows = dict(re.findall(r"^\| `([a-z0-9-]+)` \| ([^|]+) \|", (SOURCE_ROOT / "README.md").read_text(), re.M))
+    for key, default in default_run_config().items():
+        assert key in rows, f"README's configuration table has no row for {key}"
+        shown = rows[key].strip().strip("`")
+        expected = '""' if default == "" else str(default)
+        assert shown == expected, f"README shows {key} = {shown}, the default is {expected}"
+
+
 def test_aux_size_default_per_dataset():
     assert aux_size(ExperimentConfig.defaults(dataset="mnist")) == 200
     assert aux_size(ExperimentConfig.defaults(dataset="cifar10")) == 600
