@@ -107,8 +107,9 @@ def flain_run(overrides: list[str], rounds: int, workdir: Path) -> dict[str, flo
 def search_costs(data_dir: str, budget: float) -> None:
     from experiment.data import DATASETS, DataUnavailable, load, split_test, to_float
     from models import build_model, split_at
-    from strategies.post_training.flain import flain_search, flain_search_reference
-    from strategies.post_training.tau import head_accuracy, tau_inputs
+    from strategies.post_training import PostTrainingInput
+    from strategies.post_training.flain import Flain, flain_search_reference
+    from strategies.post_training.tau import tau_inputs
 
     for name, size in (("fmnist", 200), ("mnist", 200), ("emnist", 200), ("cifar10", 600)):
         torch.manual_seed(0)
@@ -125,15 +126,15 @@ def search_costs(data_dir: str, budget: float) -> None:
             images = torch.rand(size, c, h, w)
             labels = torch.randint(0, DATASETS[name].num_classes, (size,))
             source = "generated"
-        body, head = split_at(model, "fc1")
-        feats = tau_inputs(body, images)
-        scores = feats.mean(0).double().numpy()
+        body, _ = split_at(model, "fc1")
+        scores = tau_inputs(body, images).mean(0).double().numpy()
         weight = model.fc1.weight.detach().clone()
-        cached = head_accuracy(head, "fc1", feats, labels)
+        initial = {k: v.clone() for k, v in model.state_dict().items()} | {"fc1.weight": w0}
 
-        started = time.perf_counter()
-        fast = flain_search(scores, w0, weight, 0.001, 0.02, cached)
+        started = time.perf_counter()  # what a run does: Flain.apply, incremental flips included
+        _, info = Flain(step=0.001, rho=0.02).apply(PostTrainingInput(model, initial, images, labels))
         fast_s = time.perf_counter() - started
+        steps = int(round((info["threshold"] - scores.min()) / 0.001))
 
         @torch.no_grad()
         def whole(wt: torch.Tensor) -> float:
@@ -144,18 +145,18 @@ def search_costs(data_dir: str, budget: float) -> None:
         for _ in range(3):
             whole(weight)
         per_eval = (time.perf_counter() - started) / 3
-        if per_eval * fast.steps <= budget:
+        if per_eval * steps <= budget:
             started = time.perf_counter()
             plain = flain_search_reference(scores, w0, weight, 0.001, 0.02, whole)
             plain_s, how = time.perf_counter() - started, "measured"
-            same = plain.flipped == fast.flipped and plain.threshold == fast.threshold
+            same = plain.flipped == info["flipped"] and plain.threshold == info["threshold"]
         else:
-            plain_s, how, same = per_eval * fast.steps, "per-evaluation time x steps", None
+            plain_s, how, same = per_eval * steps, "per-evaluation time x steps", None
         model.fc1.weight.data.copy_(weight)
-        print(f"  {name:8s} ({source}, {size} aux, {weight.shape[1]} inputs): search {fast_s:6.2f}s "
-              f"({fast.evaluations} evaluations, {fast.flipped} flipped) | plain loop {plain_s:8.1f}s "
-              f"({fast.steps} steps, {how}) | {plain_s / fast_s:6.0f}x"
-              + ("" if same is None else f" | same stop: {same}"), flush=True)
+        print(f"  {name:8s} ({source}, {size} aux, {weight.shape[1]} inputs): Flain.apply {fast_s:6.2f}s "
+              f"({info['evaluations']} evaluations, {info['exact_fallbacks']} exact fallbacks, "
+              f"{info['flipped']} flipped) | plain loop {plain_s:8.1f}s ({steps} steps, {how}) | "
+              f"{plain_s / fast_s:6.0f}x" + ("" if same is None else f" | same stop: {same}"), flush=True)
 
 
 def main() -> None:

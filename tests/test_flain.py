@@ -14,6 +14,7 @@ from strategies.post_training.flain import (
     flip_updates,
     rescale,
 )
+from strategies.post_training.flip_path import IncrementalFlips
 from strategies.post_training.threshold import thresholds
 from strategies.post_training.tau import head_accuracy, tau_inputs
 from models import split_at
@@ -47,7 +48,7 @@ def test_thresholds_jump_only_where_flipped_set_changes():
         assert np.all((mu + k * 0.001 >= x) | (mu + (k - 1) * 0.001 < x))
 
 
-def _problem(seed: int, z: int = 40):
+def _problem(seed: int, z: int = 40, parts: bool = False):
     """A random head (tau = fc, then ReLU + classifier) with cached tau inputs."""
     g = torch.Generator().manual_seed(seed)
     head = nn.Sequential(OrderedDict(fc=nn.Linear(z, 16), relu=nn.ReLU(), out=nn.Linear(16, 4)))
@@ -57,7 +58,38 @@ def _problem(seed: int, z: int = 40):
     w = head.fc.weight.detach().clone()
     w0 = w + 0.5 * torch.randn(w.shape, generator=g)
     x = feats.mean(0).double().numpy()
+    if parts:
+        return x, w0, w, head, feats, labels
     return x, w0, w, head_accuracy(head, "fc", feats, labels)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("margin", [1e-4, float("inf")])
+def test_incremental_flips_give_the_plain_evaluations_result(seed, margin):
+    """Rank-1 updates instead of W* per threshold: the same stop, accuracies and weights
+    (margin inf: every evaluation falls back to the plain one, the guard's path)."""
+    x, w0, w, head, feats, labels = _problem(seed, parts=True)
+    with torch.no_grad():  # logits of a trained net's size (argmax, hence labels, unchanged)
+        head.out.weight.mul_(20)
+        head.out.bias.mul_(20)
+    evaluate = head_accuracy(head, "fc", feats, labels)
+    for rho in (0.0, 0.02, 0.1):
+        fast = IncrementalFlips(feats, labels, w0, w, head.fc.bias, head[1:],
+                                lambda mask: evaluate(flip_updates(w0, w, mask)), margin=margin)
+        got = flain_search(x, w0, w, 0.003, rho, evaluate, fast)
+        ref = flain_search_reference(x, w0, w, 0.003, rho, evaluate)
+        assert (got.threshold, got.flipped, got.aux_acc_at_stop) == (ref.threshold, ref.flipped, ref.aux_acc_at_stop)
+        assert torch.equal(got.weight, ref.weight)
+        if margin == float("inf"):
+            assert fast.fallbacks == got.evaluations
+        # every mask along the way, not just the stop
+        for k in range(1, 30):
+            mask = x <= x.min() + k * 0.003
+            assert fast(mask) == evaluate(flip_updates(w0, w, mask))
+        fast(np.zeros_like(mask))  # a smaller mask starts over
+        assert fast(mask) == evaluate(flip_updates(w0, w, mask))
+        if margin < 1:  # the rank-1 path did the work; the plain one only at near-ties
+            assert fast.fallbacks < 10
 
 
 @pytest.mark.parametrize("seed", range(6))

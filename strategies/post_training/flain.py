@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from strategies.post_training.base import PostTrainingInput, TauSettings
+from strategies.post_training.flip_path import IncrementalFlips
 from strategies.post_training.tau import Evaluate, TauView
-from strategies.post_training.threshold import Stop, adaptive_threshold, adaptive_threshold_reference
+from strategies.post_training.threshold import MaskAccuracy, Stop, adaptive_threshold, adaptive_threshold_reference
 
 
 # ---- pure pieces -------------------------------------------------------------------
@@ -63,9 +64,9 @@ Search = Callable[..., Stop]
 
 
 def _flain(search: Search, x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float,
-           evaluate: Evaluate) -> FlainResult:
+           evaluate: Evaluate, mask_accuracy: MaskAccuracy | None = None) -> FlainResult:
     acc0 = evaluate(w)
-    stop = search(x, step, rho, acc0, lambda mask: evaluate(flip_updates(w0, w, mask)))
+    stop = search(x, step, rho, acc0, mask_accuracy or (lambda mask: evaluate(flip_updates(w0, w, mask))))
     w_star = flip_updates(w0, w, stop.mask)
     return FlainResult(
         weight=rescale(w_star, torch.linalg.matrix_norm(w).item()),
@@ -87,12 +88,15 @@ def flain_search_reference(
 
 
 def flain_search(
-    x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float, evaluate: Evaluate
+    x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float, evaluate: Evaluate,
+    mask_accuracy: MaskAccuracy | None = None,
 ) -> FlainResult:
     """Algorithm 1, evaluating only at the lambdas where the flipped set changes.
 
-    Same stop, same lambda, same weights as `flain_search_reference`."""
-    return _flain(adaptive_threshold, x, w0, w, step, rho, evaluate)
+    Same stop, same lambda, same weights as `flain_search_reference`. `mask_accuracy`, if
+    given, scores a flip mask without building W* (`flip_path.IncrementalFlips`); it must
+    return what evaluate(flip_updates(w0, w, mask)) returns."""
+    return _flain(adaptive_threshold, x, w0, w, step, rho, evaluate, mask_accuracy)
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,9 @@ class Flain(TauSettings):
         started = time.perf_counter()
         tau = TauView.of(inp.model, self.layer, inp.aux_images, inp.aux_labels)
         w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
-        result = flain_search(tau.activations, w0, tau.weight, self.step, self.rho, tau.evaluate)
+        fast = IncrementalFlips(tau.features, tau.labels, w0, tau.weight, tau.head._modules[tau.name].bias,
+                                tau.head[1:], lambda mask: tau.evaluate(flip_updates(w0, tau.weight, mask)))
+        result = flain_search(tau.activations, w0, tau.weight, self.step, self.rho, tau.evaluate, fast)
         state, aux_acc_after = tau.state_with(result.weight)
         info = {
             "layer": tau.name,
@@ -118,6 +124,7 @@ class Flain(TauSettings):
             "aux_acc_after": aux_acc_after,
             "exhausted": result.exhausted,
             "evaluations": result.evaluations,
+            "exact_fallbacks": fast.fallbacks,  # evaluations where a near-tie asked for the plain one
             "search_seconds": time.perf_counter() - started,
         }
         return state, info

@@ -10,7 +10,7 @@ matrix product, instead of one full head evaluation per step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -69,3 +69,44 @@ def flip_path_accuracy(features: torch.Tensor, labels: torch.Tensor, w0: torch.T
     """Accuracy (or balanced accuracy) for each count of `flip_path_logits`."""
     return np.array([accuracy(z, labels, balanced)
                      for z in flip_path_logits(features, w0, w, bias, rest, order, counts)])
+
+
+class IncrementalFlips:
+    """Aux accuracy of the flipped model W* of Eq. (7), unrescaled, for flip masks that
+    grow (Algorithm 1's search): each newly flipped input is a rank-1 update of tau's
+    pre-activations, kept in float64, so a whole search costs about one N x z x out product
+    instead of one per threshold. A mask that is not a superset of the last one starts over.
+
+    Exactness: the plain evaluation (`exact`: W* written into tau, the head run in the
+    model's precision) can round a logit differently. A class can change only where an
+    image's two top logits are closer than `margin`; such a mask is scored by `exact` instead
+    (counted in `fallbacks`), so every accuracy equals the plain evaluation's."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, w0: torch.Tensor, w: torch.Tensor,
+                 bias: torch.Tensor | None, rest: nn.Module, exact: Callable[[np.ndarray], float],
+                 margin: float = 1e-4) -> None:
+        self.x, self.labels, self.rest, self.exact, self.margin = features.double(), labels, rest, exact, margin
+        self.dtype = features.dtype
+        self.w, self.dw = w.double(), (w - w0).double()
+        self.bias = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                        device=w.device)
+        self.mask = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
+        self.pre = self.x @ self.w.T
+        self.fallbacks = 0
+
+    @torch.no_grad()
+    def __call__(self, mask: np.ndarray) -> float:
+        m = torch.as_tensor(np.asarray(mask, dtype=bool), device=self.mask.device)
+        if (self.mask & ~m).any():  # not a superset: start from W again
+            self.mask = torch.zeros_like(self.mask)
+            self.pre = self.x @ self.w.T
+        idx = torch.nonzero(m & ~self.mask).flatten()
+        if len(idx):
+            self.pre = self.pre - 2 * self.x[:, idx] @ self.dw[:, idx].T
+            self.mask = m
+        logits = self.rest((self.pre + self.bias).to(self.dtype))
+        top = logits.topk(2, dim=1).values if logits.shape[1] > 1 else None
+        if top is not None and float((top[:, 0] - top[:, 1]).min()) < self.margin:
+            self.fallbacks += 1
+            return self.exact(mask)
+        return (logits.argmax(1) == self.labels).float().mean().item()
