@@ -3,7 +3,7 @@
   flain run [--set key=value ...] [--name NAME] [--overwrite] [--gpu] [--verbose] [--dry-run]
   flain deploy --nodes N [--tls] [--set key=value ...]
   flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL]
-  flain reproduce NAME [--datasets a,b] [--tasks 0-5,0-6] [--seeds N] [--out DIR] [--jobs K] [--dry-run] | --list
+  flain reproduce NAME[,NAME] [--datasets a,b] [--tasks 0-5,0-6] [--seeds N] [--out DIR] [--jobs K] [--dry-run] | --list
   flain data fetch NAME [--data-dir DIR]
   flain triggers [--dataset NAME] [--out FILE.png]
   flain table RUN_DIR [RUN_DIR ...]

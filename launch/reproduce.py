@@ -89,7 +89,8 @@ class Training:
 
 
 def select(cells: Iterable[Cell], name: str, datasets: list[str] | None, tasks: list[str] | None) -> list[Cell]:
-    names = NAMES if name == "all" else (name,)
+    """The cells of NAME (one of NAMES, a comma list of them, or all) on the data sets and tasks."""
+    names = NAMES if name == "all" else tuple(n.strip() for n in name.split(","))
     return [c for c in cells if c.table in names and (not datasets or c.dataset in datasets)
             and (not tasks or c.task in tasks)]
 
@@ -375,8 +376,10 @@ def listing() -> str:
 
 def check_selection(name: str, datasets: list[str] | None, tasks: list[str] | None) -> list[Cell]:
     """The cells, or a ConfigError naming the bad value and the allowed ones."""
-    if name not in (*NAMES, "all"):
-        raise ConfigError(f"NAME={name!r} is not allowed: choose one of {[*NAMES, 'all']}")
+    for one in name.split(","):
+        if one.strip() not in (*NAMES, "all") or ("," in name and one.strip() == "all"):
+            raise ConfigError(f"NAME={one.strip()!r} is not allowed: choose one of {[*NAMES, 'all']} "
+                              "(or a comma list of tables and figures)")
     cells = paper_cells()
     inside = select(cells, name, None, None)
     for value, allowed, key in ((datasets, {c.dataset for c in inside}, "--datasets"),

@@ -56,6 +56,8 @@ def test_one_fedavg_training_serves_three_rows_and_rlr_its_own():
     assert sorted(t.overrides["trigger-pixels"] for t in pixels) == [3, 5, 7, 9]
     for t in trainings + pixels:
         rep.resolved(t)  # every planned training is a valid configuration
+    both = rep.check_selection("table1,table2", ["fmnist"], ["0-5"])  # a comma list: the union
+    assert {c.table for c in both} == {"table1", "table2"} and len(both) == 8
 
 
 def _fake_run(run_dir, cfg: ExperimentConfig, final, post):
@@ -105,6 +107,7 @@ def test_finished_runs_are_reused_and_the_report_compares(tmp_path, capsys):
 
 def test_reproduce_bad_input_is_one_line(capsys):
     for argv, fragment in [(["reproduce", "table9"], "NAME='table9'"),
+                           (["reproduce", "table1,fig9"], "NAME='fig9'"),
                            (["reproduce", "table1", "--tasks", "1-2"], "--tasks '1-2' is not in table1"),
                            (["reproduce", "table1", "--seeds", "0"], "--seeds 0"),
                            (["reproduce", "table1", "--set", "seed=3"], "seed is set by flain reproduce"),
