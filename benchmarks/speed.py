@@ -79,15 +79,29 @@ def floor(cfg: ExperimentConfig, precision: str, cores: int) -> tuple[float, str
 
 
 # ---- (b) flain run --------------------------------------------------------------------------
+# where start-up goes: the first log line of each stage, in order
+STARTUP_MARKS = (
+    ("configuration checked, data in place", " rounds, simulation;"),
+    ("private SuperLink up, app packaged and submitted", "Using SuperLink"),
+    ("simulation (Ray) starting", "Starting Flower Simulation"),
+    ("ServerApp running", "Run directory"),
+    ("test data, evaluator, nodes ready", "strategy:"),
+    ("initial model evaluated (round 0)", "[flain] round 0/"),
+    ("round 1 starts", "[ROUND 1/"),
+)
 def flain_run(overrides: list[str], rounds: int, workdir: Path) -> dict[str, float]:
     run_dir = workdir / "run"
     cmd = [sys.executable, "-m", "launch.cli", "run", "--verbose", "--set", f"num-rounds={rounds}",
            "--set", f"run-dir='{run_dir}'", *sum((["--set", s] for s in overrides), [])]
     started = time.perf_counter()
     first_round = last_round_end = None
+    marks: dict[str, float] = {}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         now = time.perf_counter() - started
+        for label, pattern in STARTUP_MARKS:
+            if label not in marks and pattern in line:
+                marks[label] = now
         if first_round is None and "[ROUND 1/" in line:
             first_round = now
         if re.search(rf"\[flain\] round {rounds}/{rounds}", line):
@@ -99,7 +113,7 @@ def flain_run(overrides: list[str], rounds: int, workdir: Path) -> dict[str, flo
     rows = list(csv.DictReader((run_dir / "rounds.csv").open()))
     seconds = [float(r["seconds"]) for r in rows if int(r["round"]) > 0]
     config = json.loads((run_dir / "config.json").read_text())
-    return {"startup": first_round or float("nan"), "rounds": seconds, "total": total,
+    return {"startup": first_round or float("nan"), "marks": marks, "rounds": seconds, "total": total,
             "after_last_round": total - (last_round_end or total), "precision": config["resolved"]["precision"]}
 
 
@@ -180,6 +194,11 @@ def main() -> None:
         mean = sum(run["rounds"]) / len(run["rounds"])
         later = run["rounds"][1:] or run["rounds"]
         print(f"startup (command to round 1): {run['startup']:.1f}s")
+        last = 0.0
+        for label, _ in STARTUP_MARKS:
+            if label in run["marks"]:
+                print(f"  {run['marks'][label]:6.1f}s  (+{run['marks'][label] - last:5.1f}s)  {label}")
+                last = run["marks"][label]
         print(f"rounds: {', '.join(f'{s:.1f}' for s in run['rounds'])}s; mean {mean:.1f}s, "
               f"rounds 2+ {sum(later) / len(later):.1f}s")
         print(f"floor ({layout}): {seconds:.1f}s")
