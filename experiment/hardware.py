@@ -128,3 +128,54 @@ def training_precision(cfg: ExperimentConfig, device: torch.device,
     spec = DATASETS[cfg.dataset]
     return resolve_precision(cfg.precision, device, f"{cfg.dataset} model", lambda: build_model(cfg.dataset),
                              spec.shape, spec.num_classes, cfg.data_dir)
+
+
+# ---- one GPU shared by the simulated clients ---------------------------------------------------
+CUDA_CONTEXT_BYTES = 600 * 2**20  # each Ray actor is a process with its own CUDA context (~0.5 GB)
+GPU_MEMORY_USE = 0.9  # leave a tenth for the server's evaluation, defenses and fragmentation
+
+
+def clients_per_gpu(free_bytes: int, step_peak_bytes: int, cpus: int, num_clients: int) -> int:
+    """How many clients can train on one GPU at once: as many as fit in `GPU_MEMORY_USE` of
+    its free memory (each needs its CUDA context and a training step's peak), at most one per
+    CPU core (an actor feeds its GPU work from one core) and at most the number of clients."""
+    per_client = CUDA_CONTEXT_BYTES + step_peak_bytes
+    fit = int(GPU_MEMORY_USE * free_bytes // per_client)
+    return max(1, min(fit, cpus, num_clients))
+
+
+def training_step_peak(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int, batch: int,
+                       precision: str) -> int:
+    """Peak CUDA memory (bytes) of one Adam step of `model` at `batch` in `precision`: weights,
+    gradients, optimizer state and activations, measured on the GPU."""
+    device = torch.device("cuda")
+    model = model.to(device).train()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    optimizer = torch.optim.Adam(model.parameters())
+    x = torch.rand(batch, *sample_shape, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    with autocast(device, precision):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del model, optimizer, x, y, loss
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def gpu_share(cfg: ExperimentConfig, build_model: Callable[[str], nn.Module], cpus: int) -> tuple[float, str]:
+    """Flower's `client-resources-num-gpus` for `flain run --gpu`: 1 / (clients at once), and
+    how it was decided (the GPU's free memory, a measured training step, the CPU cores)."""
+    free, total = torch.cuda.mem_get_info()
+    spec = DATASETS[cfg.dataset]
+    precision = "bf16" if cfg.precision == "auto" and torch.cuda.is_bf16_supported() else (
+        "fp32" if cfg.precision == "auto" else cfg.precision)
+    peak = training_step_peak(build_model(cfg.dataset), spec.shape, spec.num_classes, cfg.batch_size, precision)
+    count = clients_per_gpu(free, peak, cpus, cfg.num_clients)
+    return 1.0 / count, (f"{count} clients at once: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
+                         f"a training step peaks at {peak / 2**20:.0f} MiB + {CUDA_CONTEXT_BYTES / 2**20:.0f} MiB "
+                         f"CUDA context per client, {cpus} CPU cores")

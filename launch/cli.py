@@ -163,6 +163,10 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.gpu_share is not None and not 0 < args.gpu_share <= 1:
+        print(f"flain: configuration error: --gpu-share {args.gpu_share} is not allowed: must satisfy 0 < value <= 1",
+              file=sys.stderr)
+        return EXIT_CONFIG
     cfg = _prepare(args)
     if isinstance(cfg, int):
         return cfg
@@ -174,7 +178,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("flain: --gpu given but no CUDA device is visible", file=sys.stderr)
             return EXIT_CONFIG
-        federation["client-resources-num-gpus"] = args.gpu_share
+        if args.gpu_share is None:  # from the GPU's free memory and a measured training step
+            import os
+
+            from experiment.hardware import gpu_share
+            from models import build_model
+
+            share, how = gpu_share(cfg, build_model, len(os.sched_getaffinity(0)))
+            print(f"flain: --gpu: {how}", flush=True)
+        else:
+            share = args.gpu_share
+        federation["client-resources-num-gpus"] = share
     return _execute(cfg, args, federation)
 
 
@@ -346,8 +360,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="run directory name under runs/ (default: generated)")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run directory")
     run.add_argument("--gpu", action="store_true", help="let the clients share one GPU")
-    run.add_argument("--gpu-share", type=float, default=0.25,
-                     help="share of the GPU per client with --gpu (default 0.25: 4 at a time)")
+    run.add_argument("--gpu-share", type=float, default=None,
+                     help="share of the GPU per client with --gpu (0.25: 4 at a time); default: as many clients "
+                          "as fit in the GPU's free memory (a measured training step + a CUDA context each), "
+                          "at most one per CPU core")
     run.add_argument("--verbose", "-v", action="store_true", help="show every Flower log line")
     run.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     run.set_defaults(func=cmd_run)

@@ -70,3 +70,21 @@ def test_autocast_switches_matmul_dtype():
         assert torch.nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.bfloat16
     with autocast(cpu, "fp32"):
         assert torch.nn.Linear(4, 4)(torch.rand(2, 4)).dtype == torch.float32
+
+
+def test_clients_per_gpu_fill_the_memory_within_cores_and_clients():
+    from experiment.hardware import CUDA_CONTEXT_BYTES, GPU_MEMORY_USE, clients_per_gpu
+
+    gib = 2**30
+    per = CUDA_CONTEXT_BYTES + gib // 2
+    assert clients_per_gpu(80 * gib, gib // 2, cpus=128, num_clients=100) == int(GPU_MEMORY_USE * 80 * gib // per)
+    assert clients_per_gpu(80 * gib, gib // 2, cpus=16, num_clients=100) == 16  # one core per actor
+    assert clients_per_gpu(80 * gib, gib // 2, cpus=16, num_clients=10) == 10  # no more than the clients
+    assert clients_per_gpu(gib // 2, gib, cpus=16, num_clients=10) == 1  # never zero
+
+
+def test_gpu_share_must_be_a_share(capsys):
+    from launch.cli import main
+
+    assert main(["run", "--gpu", "--gpu-share", "1.5", "--dry-run"]) == 2
+    assert "--gpu-share 1.5 is not allowed" in capsys.readouterr().err
