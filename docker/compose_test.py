@@ -354,9 +354,13 @@ def refused_intruder(stack: Stack, images: dict[str, str], root: Path, link: Sup
        "--superlink", f"superlink:{COMPOSE_PORT}", "--root-certificates", "/certs/ca.crt",
        "--auth-supernode-private-key", "/certs/intruder", "--node-config", "partition-id=0 num-partitions=3")
     try:
-        time.sleep(15)
-        out = sh("docker", "logs", name, check=False)
-        log = out.stdout + out.stderr
+        deadline, log = time.monotonic() + 90, ""
+        while time.monotonic() < deadline:  # until the SuperLink's answer shows in its log
+            out = sh("docker", "logs", name, check=False)
+            log = out.stdout + out.stderr
+            if "Failed to activate SuperNode" in log:
+                break
+            time.sleep(3)
         nodes = online_nodes(link)
         if nodes != NODES:
             raise Failed(f"an unregistered node got in: {nodes} nodes online, {NODES} registered\n{log}")
