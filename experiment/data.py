@@ -299,10 +299,9 @@ def partition_indices(
         raise ValueError(f"partition={partition!r}: choose one of {list(PARTITIONS)}")
     partitioner.dataset = Dataset.from_dict({"label": labels[order], "idx": order})
     try:
-        return [
-            np.asarray(partitioner.load_partition(i).with_format("numpy")["idx"])
-            for i in range(num_partitions)
-        ]
+        # [:] reads the column in one batch; ["idx"] alone iterates it row by row in
+        # datasets 4 (60,000 Python calls: 2-6 s in every Ray actor's first round)
+        return [partitioner.load_partition(i).with_format("numpy")[:]["idx"] for i in range(num_partitions)]
     except ValueError as exc:  # Dirichlet gives up when partitions stay too small
         raise ValueError(
             f"could not split {len(labels)} samples into {num_partitions} "

@@ -36,6 +36,26 @@ def test_dirichlet_partition_is_skewed_disjoint_cover(labels):
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
 
 
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_partitions_are_flwr_datasets_rows(labels, partition, monkeypatch):
+    """The partitions read in one batch are exactly the partitioner's rows, read one by one."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    rows = {}
+    for cls in (IidPartitioner, DirichletPartitioner):
+        original = cls.load_partition
+
+        def spy(self, partition_id, _original=original):
+            part = _original(self, partition_id)
+            rows[partition_id] = [r["idx"] for r in part]  # the slow, row-by-row reading
+            return part
+
+        monkeypatch.setattr(cls, "load_partition", spy)
+    parts = partition_indices(labels, 4, partition, 0.5, seed=7)
+    assert len(rows) == 4
+    assert all(p.tolist() == rows[i] for i, p in enumerate(parts))
+
+
 def test_split_test_aux_disjoint_from_eval():
     aux, ev = split_test(10000, 200, seed=3)
     assert len(aux) == 200 and len(ev) == 9800
