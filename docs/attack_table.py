@@ -4,7 +4,8 @@
 
 For each attack, `RUNS/attack-<attack>-<rule>/summary.json` with rule fedavg (no-Defense and
 every post-training defense on its final model), rlr and multikrum; a missing run is shown as
-"not run". Also what the malicious clients reported (attack_log): the mean L2 norm of the
+"not run" (`attack-none-rlr` is a link to the reproduction's RLR training: the same
+configuration). Also what the malicious clients reported (attack_log): the mean L2 norm of the
 update they sent and of the one they trained, and the share of coordinates they froze.
 """
 
