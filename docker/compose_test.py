@@ -132,6 +132,8 @@ def debian_base(work: Path) -> str:
     if image_exists(name):
         return name
     if shutil.which("debootstrap") is None:
+        say("installing debootstrap with apt-get")
+        sh("apt-get", "update", "-qq")
         sh("apt-get", "install", "-y", "-qq", "debootstrap", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     mirror = "http://deb.debian.org/debian"
     for source in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
