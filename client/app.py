@@ -40,10 +40,11 @@ def train(msg: Message, context: Context) -> Message:
     model.to(device)
     precision, _ = training_precision(cfg, device, build_model)  # the server measured it: a cache hit
 
-    # benign clients run the no-op attack too: every reply carries the same metric keys
+    # benign clients run the no-op attack too (every reply carries the same metric keys), but
+    # only an attacker needs its clean sample
     attack = ATTACKS[cfg.attack](cfg) if data.malicious else ModelAttack()
     tau = resolve_tau(model, cfg.flain_layer)
-    clean_images, clean_labels = clean_sample(data)
+    clean_images, clean_labels = clean_sample(data, size=512 if data.malicious else 0)
     memory = context.state.array_records.get(MEMORY)
     ctx = AttackContext(model=model, global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
                         clean_images=clean_images, clean_labels=clean_labels, tau=tau,
