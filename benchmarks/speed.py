@@ -1,15 +1,16 @@
 """Benchmark: `flain run` against the compute floor, and FLAIN's search on every data set.
 
-  .venv/bin/python benchmarks/speed.py [--rounds 3] [--set key=value ...] [--skip-run] [--skip-search]
+  .venv/bin/python benchmarks/speed.py [--rounds N] [--set key=value ...] [--skip-run] [--skip-search]
 
 Measured in one run, on this machine, with the same settings (defaults: the default experiment):
  (a) the floor: one round of the clients' local training with the project's own model, data,
      optimizer and precision (client_data + train_local, what a ClientApp runs), without
      Flower, in each process x thread layout that fills the machine's cores; the fastest
      layout is the floor;
- (b) `flain run` for --rounds rounds: startup (from the command to the start of round 1),
-     each round's seconds (rounds.csv: training, aggregation and the round's central
-     evaluation), and the ratio mean round / floor;
+ (b) `flain run` for --rounds rounds (default: the configuration's num-rounds): startup (from
+     the command to the start of round 1, stage by stage), each round's seconds (rounds.csv:
+     training, aggregation and the round's central evaluation, whose share is printed too),
+     and the ratio mean round / floor;
  (c) FLAIN's threshold search (Algorithm 1, `flain_search`) against the plain loop
      (every step of lambda, the whole model on the aux set) for fmnist, mnist, emnist and
      cifar10 at the paper's aux-set sizes. Data sets missing from the data directory are
@@ -112,8 +113,9 @@ def flain_run(overrides: list[str], rounds: int, workdir: Path) -> dict[str, flo
         raise SystemExit(f"flain run failed ({proc.returncode})")
     rows = list(csv.DictReader((run_dir / "rounds.csv").open()))
     seconds = [float(r["seconds"]) for r in rows if int(r["round"]) > 0]
+    evaluation = [float(r["eval_seconds"]) for r in rows if int(r["round"]) > 0]
     config = json.loads((run_dir / "config.json").read_text())
-    return {"startup": first_round or float("nan"), "marks": marks, "rounds": seconds, "total": total,
+    return {"startup": first_round or float("nan"), "marks": marks, "rounds": seconds, "evaluation": evaluation, "total": total,
             "after_last_round": total - (last_round_end or total), "precision": config["resolved"]["precision"]}
 
 
@@ -175,7 +177,7 @@ def search_costs(data_dir: str, budget: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None, help="default: the configuration's num-rounds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--skip-run", action="store_true")
     p.add_argument("--skip-search", action="store_true")
@@ -183,12 +185,13 @@ def main() -> None:
     args = p.parse_args()
     cfg = ExperimentConfig.from_run_config(default_run_config() | parse_overrides(args.set))
     cores = len(os.sched_getaffinity(0))
+    rounds = args.rounds or cfg.num_rounds
     print(f"speed benchmark: {cores} cores, torch {torch.__version__}, {cfg.num_clients} clients of {cfg.dataset}")
 
     if not args.skip_run:
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"(b) flain run, {args.rounds} rounds ...", flush=True)
-            run = flain_run(args.set, args.rounds, Path(tmp))
+            print(f"(b) flain run, {rounds} rounds ...", flush=True)
+            run = flain_run(args.set, rounds, Path(tmp))
         print(f"(a) the floor, {run['precision']} (the run's precision) ...", flush=True)
         seconds, layout, _ = floor(cfg, run["precision"], cores)
         mean = sum(run["rounds"]) / len(run["rounds"])
@@ -200,7 +203,8 @@ def main() -> None:
                 print(f"  {run['marks'][label]:6.1f}s  (+{run['marks'][label] - last:5.1f}s)  {label}")
                 last = run["marks"][label]
         print(f"rounds: {', '.join(f'{s:.1f}' for s in run['rounds'])}s; mean {mean:.1f}s, "
-              f"rounds 2+ {sum(later) / len(later):.1f}s")
+              f"rounds 2+ {sum(later) / len(later):.1f}s; of which the central evaluation "
+              f"{sum(run['evaluation']) / len(run['evaluation']):.1f}s a round")
         print(f"floor ({layout}): {seconds:.1f}s")
         print(f"ratio mean round / floor: {mean / seconds:.2f} (rounds 2+: {sum(later) / len(later) / seconds:.2f})")
         print(f"after the last round (defenses, results, shutdown): {run['after_last_round']:.1f}s; "

@@ -13,7 +13,7 @@ from attacks import AttackContext, ModelAttack, malicious_clients, poison, trigg
 from experiment import seeds
 from experiment.config import ExperimentConfig
 from experiment.data import load, partition_indices, subsample, to_float
-from experiment.hardware import autocast
+from experiment.hardware import autocast, inference_batch
 from models import split_at
 
 
@@ -115,10 +115,11 @@ def train_local(
 
 
 @torch.no_grad()
-def input_ranks(model: nn.Sequential, layer: str, images: torch.Tensor, batch: int = 1000) -> np.ndarray:
+def input_ranks(model: nn.Sequential, layer: str, images: torch.Tensor) -> np.ndarray:
     """Rank (0 = least active) of each input of Linear `layer` by its mean activation."""
     body, _ = split_at(model.eval(), layer)
     device = next(model.parameters()).device
+    batch = inference_batch(device)
     total = None
     for i in range(0, len(images), batch):
         part = body(to_float(images[i : i + batch]).to(device)).sum(0)

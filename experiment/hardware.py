@@ -32,6 +32,13 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def inference_batch(device: torch.device) -> int:
+    """Images per forward pass when only predicting. On a CPU a small batch keeps each
+    layer's activations in cache: the central FMNIST evaluation (10,782 images, 2 threads)
+    took 4.6 s at batch 1000 and 1.4 s at 64, measured; a GPU wants large batches."""
+    return 1024 if device.type == "cuda" else 64
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """Mixed precision for training: bf16 matmuls/convs, fp32 weights and optimizer state.
     'fp32' disables it."""

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,16 +32,27 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the Flower app's directo
 
 
 def app_directory(workdir: Path) -> Path:
-    """The Flower app to submit: the source tree, or, when the project was installed from
-    a wheel (no pyproject.toml beside the packages), a generated app directory whose
-    pyproject names the same components; Flower then imports them from the installed
-    packages."""
+    """The Flower app to submit, staged in `workdir/app`.
+
+    From a source tree: pyproject.toml, .gitignore and the packages its `fab-include`
+    names, copied. `flwr run` walks (and resolves) every file under the directory it is
+    given before filtering, .venv and data included: 45,000 files and ~4 s of every start-up
+    on the source tree itself, 0.1 s on the staged copy; the FAB is the same.
+    Installed from a wheel (no pyproject.toml beside the packages): a generated pyproject
+    naming the same components; Flower then imports them from the installed packages."""
+    app = workdir / "app"
+    if app.exists():
+        shutil.rmtree(app)
+    app.mkdir(parents=True)
     if (SOURCE_ROOT / "pyproject.toml").is_file():
-        return SOURCE_ROOT
+        for name in ("pyproject.toml", ".gitignore"):
+            if (SOURCE_ROOT / name).is_file():
+                shutil.copy2(SOURCE_ROOT / name, app / name)
+        for package in fab_packages(SOURCE_ROOT / "pyproject.toml"):
+            shutil.copytree(SOURCE_ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+        return app
     from experiment.config import default_run_config
 
-    app = workdir / "app"
-    app.mkdir(parents=True, exist_ok=True)
     (app / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
         '[project]\nname = "flain"\nversion = "0.1.0"\ndependencies = []\n\n'
@@ -49,6 +61,12 @@ def app_directory(workdir: Path) -> Path:
         "[tool.flwr.app.config]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in default_run_config().items())
     )
     return app
+
+
+def fab_packages(pyproject: Path) -> list[str]:
+    """The top-level directories named by `[tool.flwr.app] fab-include` ("server/**" -> server)."""
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["fab-include"]
+    return sorted({p.split("/", 1)[0] for p in patterns if "/" in p})
 
 
 def free_port() -> int:

@@ -91,14 +91,18 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     model = build_model(cfg.dataset)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     recorder.save_model("initial", initial_state)
-    clock = {"t": time.perf_counter()}
+    clock = {"t": time.perf_counter()}  # the end of the last round (round 0: its evaluation's start)
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        seconds = time.perf_counter() - clock["t"]
+        started = time.perf_counter()
+        if rnd == 0:
+            clock["t"] = started
         m = evaluator(arrays.to_torch_state_dict())
-        recorder.round(rnd, m["acc"], m["asr"], seconds if rnd else 0.0)
-        log(INFO, "[flain] round %d/%d  acc=%.4f  asr=%.4f  (%.1fs)", rnd, cfg.num_rounds, m["acc"], m["asr"], seconds)
-        clock["t"] = time.perf_counter()
+        now = time.perf_counter()
+        recorder.round(rnd, m["acc"], m["asr"], now - clock["t"], now - started)
+        log(INFO, "[flain] round %d/%d  acc=%.4f  asr=%.4f  (%.1fs, evaluation %.1fs)", rnd, cfg.num_rounds,
+            m["acc"], m["asr"], now - clock["t"], now - started)
+        clock["t"] = now
         return MetricRecord(m)
 
     wait_for_nodes(grid, cfg.num_clients)

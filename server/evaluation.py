@@ -9,14 +9,17 @@ from torch import nn
 
 from attacks.triggers import PixelTrigger
 from experiment.data import to_float
+from experiment.hardware import inference_batch
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     """Predicted labels (on CPU) for uint8 or float images, in eval mode and full fp32
-    (channels-last: same math, faster convolutions)."""
+    (channels-last: same math, faster convolutions), `batch` images at a time (default:
+    the device's `inference_batch`)."""
     model.eval().to(memory_format=torch.channels_last)
     device = next(model.parameters()).device
+    batch = batch or inference_batch(device)
     out = [
         model(to_float(images[i : i + batch]).to(device, memory_format=torch.channels_last)).argmax(1).cpu()
         for i in range(0, len(images), batch)

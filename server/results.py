@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-ROUNDS_HEADER = ["round", "acc", "asr", "seconds"]
+# seconds: the round's wall time, from the end of the previous round's evaluation to the end of
+# its own (training, aggregation, central evaluation); eval_seconds: that evaluation alone.
+# Round 0 is the initial model's evaluation only.
+ROUNDS_HEADER = ["round", "acc", "asr", "seconds", "eval_seconds"]
 AUX_FILE = "aux.npy"
 
 
@@ -32,11 +35,11 @@ class RunRecorder:
             csv.writer(f).writerow(ROUNDS_HEADER)
         self._write_summary()
 
-    def round(self, rnd: int, acc: float, asr: float, seconds: float) -> None:
-        row = {"round": rnd, "acc": acc, "asr": asr, "seconds": seconds}
+    def round(self, rnd: int, acc: float, asr: float, seconds: float, eval_seconds: float) -> None:
+        row = {"round": rnd, "acc": acc, "asr": asr, "seconds": seconds, "eval_seconds": eval_seconds}
         self.rounds.append(row)
         with (self.dir / "rounds.csv").open("a", newline="") as f:
-            csv.writer(f).writerow([rnd, f"{acc:.6f}", f"{asr:.6f}", f"{seconds:.3f}"])
+            csv.writer(f).writerow([rnd, f"{acc:.6f}", f"{asr:.6f}", f"{seconds:.3f}", f"{eval_seconds:.3f}"])
         self.summary["final"] = {"acc": acc, "asr": asr, "round": rnd}
         self._write_summary()
 

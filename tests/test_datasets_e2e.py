@@ -47,6 +47,31 @@ def test_emnist_reader_on_generated_files(tmp_path):
     assert labels.tolist() == [i % 62 for i in range(240)]
 
 
+def test_idx_reader_matches_torchvision(tmp_path):
+    """Our IDX reader (no torchvision import at start-up) gives torchvision's arrays:
+    on generated EMNIST files and on the real Fashion-MNIST files where they are present."""
+    from torchvision.datasets import EMNIST, FashionMNIST
+
+    from experiment.data import DataUnavailable, load_emnist, load_fmnist, read_idx
+    from launch.superlink import SOURCE_ROOT
+
+    _fake_emnist(tmp_path)
+    pairs = [(load_emnist, EMNIST, tmp_path, {"split": "byclass"})]
+    if (SOURCE_ROOT / "data" / "FashionMNIST" / "raw").is_dir():  # `make test` fetches it
+        pairs.append((load_fmnist, FashionMNIST, SOURCE_ROOT / "data", {}))
+    for ours, theirs, root, kwargs in pairs:
+        for train in (True, False):
+            images, labels = ours(root, train)
+            ref = theirs(str(root), train=train, download=False, **kwargs)
+            assert torch.equal(images, ref.data.unsqueeze(1)) and torch.equal(labels, ref.targets.long())
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x03" + bytes(12))  # float IDX
+    with pytest.raises(DataUnavailable, match="not an uint8 IDX file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes(3))
+    with pytest.raises(DataUnavailable, match="holds 3 bytes"):
+        read_idx(tmp_path / "short")
+
+
 # The run also drives an update-based rule through a real simulation: RLR with BatchNorm buffers.
 @pytest.mark.parametrize("dataset,make,trigger,rule", [("cifar10", _fake_cifar, "dba", "rlr")])
 def test_dataset_runs_end_to_end(tmp_path, flain_cli, dataset, make, trigger, rule):

@@ -126,3 +126,18 @@ def test_no_process_left_behind():
     from tests.test_simulation import _orphans  # noqa: PLC0415
 
     assert _orphans() == set()
+
+
+def test_staged_app_builds_the_same_fab_as_the_source_tree(tmp_path):
+    """`flwr run` gets a staged copy of the app (no .venv or data to walk): Flower must build
+    byte for byte the FAB it builds from the whole source tree (same hash, same installed app)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from launch.superlink import app_directory, fab_packages
+
+    staged = app_directory(tmp_path)
+    assert fab_packages(PROJECT_ROOT / "pyproject.toml") == sorted(
+        ["attacks", "client", "experiment", "models", "server", "strategies"])
+    assert not (staged / "launch").exists() and not (staged / "tests").exists()
+    assert build_fab_from_disk(staged) == build_fab_from_disk(PROJECT_ROOT)
+    assert app_directory(tmp_path) == staged  # staging again replaces the copy
