@@ -6,7 +6,8 @@ Measured in one run, on this machine, with the same settings (defaults: the defa
  (a) the floor: one round of the clients' local training with the project's own model, data,
      optimizer and precision (client_data + train_local, what a ClientApp runs), without
      Flower, in each process x thread layout that fills the machine's cores; the fastest
-     layout is the floor;
+     layout is the floor, measured again after the run in that layout (the floor used is
+     the mean of the two, and the gap between them shows how steady the machine was);
  (b) `flain run` for --rounds rounds (default: the configuration's num-rounds): startup (from
      the command to the start of round 1, stage by stage), each round's seconds (rounds.csv:
      training, aggregation and the round's central evaluation, whose share is printed too),
@@ -64,19 +65,22 @@ def _train_clients(args: tuple[dict, list[int], int, str]) -> float:
     return time.perf_counter() - started
 
 
-def floor(cfg: ExperimentConfig, precision: str, cores: int) -> tuple[float, str, dict[str, float]]:
-    """Seconds of one round of local training in the best layout; the layout; all layouts."""
+def floor(cfg: ExperimentConfig, precision: str, cores: int,
+          only: tuple[int, int] | None = None) -> tuple[float, tuple[int, int]]:
+    """Seconds of one round of local training in the best process x thread layout (or in
+    `only`), and that layout."""
     layouts = {}
-    for procs in sorted({1, cores}):
+    for procs in [only[0]] if only else sorted({1, cores}):
         threads = max(1, cores // procs)
         shares = [list(range(cfg.num_clients))[i::procs] for i in range(procs)]
         with mp.get_context("spawn").Pool(procs) as pool:
             # each worker's own clock starts after its data are loaded; the round is the slowest worker
             times = pool.map(_train_clients, [(cfg.to_run_config(), s, threads, precision) for s in shares])
-        layouts[f"{procs} process(es) x {threads} thread(s)"] = max(times)
-        print(f"  floor, {procs} x {threads}: {max(times):.1f}s for {cfg.num_clients} clients", flush=True)
+        layouts[(procs, threads)] = max(times)
+        print(f"  floor, {procs} process(es) x {threads} thread(s): {max(times):.1f}s for {cfg.num_clients} clients",
+              flush=True)
     best = min(layouts, key=layouts.get)
-    return layouts[best], best, layouts
+    return layouts[best], best
 
 
 # ---- (b) flain run --------------------------------------------------------------------------
@@ -189,24 +193,39 @@ def main() -> None:
     print(f"speed benchmark: {cores} cores, torch {torch.__version__}, {cfg.num_clients} clients of {cfg.dataset}")
 
     if not args.skip_run:
+        from experiment.hardware import training_precision
+        from models import build_model
+
+        # the run reads the same cached choice (or measures it the same way)
+        precision, _ = training_precision(cfg, torch.device("cpu"), build_model)
+        # the floor before and after the run: a busy neighbour shows as a gap between the two
+        print(f"(a) the floor, {precision}, before the run ...", flush=True)
+        before, layout = floor(cfg, precision, cores)
         with tempfile.TemporaryDirectory() as tmp:
             print(f"(b) flain run, {rounds} rounds ...", flush=True)
             run = flain_run(args.set, rounds, Path(tmp))
-        print(f"(a) the floor, {run['precision']} (the run's precision) ...", flush=True)
-        seconds, layout, _ = floor(cfg, run["precision"], cores)
-        mean = sum(run["rounds"]) / len(run["rounds"])
-        later = run["rounds"][1:] or run["rounds"]
+        if run["precision"] != precision:
+            print(f"  note: the run trained in {run['precision']}, the floor in {precision}")
+        print("(a) the floor again, after the run ...", flush=True)
+        after, _ = floor(cfg, precision, cores, only=layout)
+        seconds = (before + after) / 2
+        rounds_s, evaluation = run["rounds"], run["evaluation"]
+        training = [r - e for r, e in zip(rounds_s, evaluation)]
+        mean = sum(rounds_s) / len(rounds_s)
+        later = rounds_s[1:] or rounds_s
+        later_training = training[1:] or training
         print(f"startup (command to round 1): {run['startup']:.1f}s")
         last = 0.0
         for label, _ in STARTUP_MARKS:
             if label in run["marks"]:
                 print(f"  {run['marks'][label]:6.1f}s  (+{run['marks'][label] - last:5.1f}s)  {label}")
                 last = run["marks"][label]
-        print(f"rounds: {', '.join(f'{s:.1f}' for s in run['rounds'])}s; mean {mean:.1f}s, "
-              f"rounds 2+ {sum(later) / len(later):.1f}s; of which the central evaluation "
-              f"{sum(run['evaluation']) / len(run['evaluation']):.1f}s a round")
-        print(f"floor ({layout}): {seconds:.1f}s")
-        print(f"ratio mean round / floor: {mean / seconds:.2f} (rounds 2+: {sum(later) / len(later) / seconds:.2f})")
+        print(f"rounds: {', '.join(f'{s:.1f}' for s in rounds_s)}s; mean {mean:.1f}s, rounds 2+ "
+              f"{sum(later) / len(later):.1f}s; central evaluation {sum(evaluation) / len(evaluation):.1f}s a round")
+        print(f"floor ({layout[0]} process(es) x {layout[1]} thread(s)): {before:.1f}s before the run, "
+              f"{after:.1f}s after; mean {seconds:.1f}s")
+        print(f"ratio mean round / floor: {mean / seconds:.2f}; rounds 2+: {sum(later) / len(later) / seconds:.2f}; "
+              f"rounds 2+ without the evaluation: {sum(later_training) / len(later_training) / seconds:.2f}")
         print(f"after the last round (defenses, results, shutdown): {run['after_last_round']:.1f}s; "
               f"total {run['total']:.1f}s")
     if not args.skip_search:
