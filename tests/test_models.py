@@ -51,3 +51,23 @@ def test_paper_models_layer_shapes(dataset, shape, linears, convs):
         keys = model.state_dict().keys()
         assert "bn1.running_mean" in keys and "bn1.num_batches_tracked" in keys
         assert "bn1.running_mean" not in dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("dataset", ["fmnist", "cifar10"])
+def test_predictions_do_not_depend_on_the_inference_batch(dataset):
+    """The central evaluation runs at a cache-sized batch on a CPU: the same predictions, and
+    the same tau inputs up to float rounding, as one large batch."""
+    from experiment.data import DATASETS
+    from experiment.hardware import inference_batch
+    from server.evaluation import predict
+    from strategies.post_training.tau import tau_inputs
+
+    torch.manual_seed(0)
+    model = build_model(dataset).eval()
+    images = torch.randint(0, 256, (150, *DATASETS[dataset].shape), dtype=torch.uint8)
+    assert inference_batch(torch.device("cpu")) < 150 <= inference_batch(torch.device("cuda"))
+    reference = predict(model, images, batch=150)
+    assert torch.equal(predict(model, images), reference) and torch.equal(predict(model, images, batch=7), reference)
+    body, _ = split_at(model, "fc1")
+    x = images.float() / 255
+    assert torch.allclose(tau_inputs(body, x), tau_inputs(body, x, batch=150), atol=1e-5)
