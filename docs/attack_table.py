@@ -1,11 +1,13 @@
 """The adaptive-attack table (README, "Adaptive attacks") from the run directories.
 
-  .venv/bin/python docs/attack_table.py [--runs runs] [--json docs/adaptive-attacks.json] [--readme README.md]
+  .venv/bin/python docs/attack_table.py [--dataset fmnist] [--runs runs] [--json docs/adaptive-attacks.json] [--readme README.md]
 
-For each attack, `RUNS/attack-<attack>-<rule>/summary.json` with rule fedavg (no-Defense and
-every post-training defense on its final model), rlr and multikrum; a missing run is shown as
-"not run" (`attack-none-rlr` is a link to the reproduction's RLR training: the same
-configuration). Also what the malicious clients reported (attack_log): the mean L2 norm of the
+For each attack, `RUNS/attack-<attack>-<rule>/summary.json` (other data sets than fmnist:
+`RUNS/attack-<dataset>-<attack>-<rule>/`) with rule fedavg (no-Defense and every post-training
+defense on its final model), rlr and multikrum; a missing run is shown as "not run"
+(`attack-none-rlr` is a link to the reproduction's Table 1 (0,5) RLR training: the same
+configuration). The README table sits between `<!-- attack-table` markers (fmnist) or
+`<!-- attack-table-<dataset>` markers. Also what the malicious clients reported (attack_log): the mean L2 norm of the
 update they sent and of the one they trained, and the share of coordinates they froze.
 """
 
@@ -21,8 +23,15 @@ DEFENSES = (("no-Defense", "fedavg", None), ("FLAIN", "fedavg", "flain"), ("FLAI
             ("Multi-Krum", "multikrum", None))
 
 
-def cell(runs: Path, attack: str, rule: str, defense: str | None) -> dict | None:
-    path = runs / f"attack-{attack}-{rule}" / "summary.json"
+NAMES = {"fmnist": "Fashion-MNIST", "mnist": "MNIST", "emnist": "EMNIST", "cifar10": "CIFAR-10"}
+
+
+def run_name(dataset: str, attack: str, rule: str) -> str:
+    return f"attack-{attack}-{rule}" if dataset == "fmnist" else f"attack-{dataset}-{attack}-{rule}"
+
+
+def cell(runs: Path, dataset: str, attack: str, rule: str, defense: str | None) -> dict | None:
+    path = runs / run_name(dataset, attack, rule) / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
@@ -32,8 +41,8 @@ def cell(runs: Path, attack: str, rule: str, defense: str | None) -> dict | None
     return {"asr": result["asr"], "acc": result["acc"], "run": str(path.parent)} if "acc" in result else None
 
 
-def attack_metrics(runs: Path, attack: str) -> dict | None:
-    path = runs / f"attack-{attack}-fedavg" / "summary.json"
+def attack_metrics(runs: Path, dataset: str, attack: str) -> dict | None:
+    path = runs / run_name(dataset, attack, "fedavg") / "summary.json"
     if not path.is_file():
         return None
     log = json.loads(path.read_text()).get("attack_log", [])
@@ -46,13 +55,15 @@ def attack_metrics(runs: Path, attack: str) -> dict | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fmnist", choices=sorted(NAMES))
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--json", type=Path)
     p.add_argument("--readme", type=Path, help="replace the table between the attack-table markers there")
     args = p.parse_args()
-    table = {a: {name: cell(args.runs, a, rule, d) for name, rule, d in DEFENSES} for a in ATTACKS}
-    metrics = {a: attack_metrics(args.runs, a) for a in ATTACKS}
-    lines = ["ASR / ACC on the 9,800 evaluation images (Fashion-MNIST, the default experiment, seed 42, "
+    table = {a: {name: cell(args.runs, args.dataset, a, rule, d) for name, rule, d in DEFENSES} for a in ATTACKS}
+    metrics = {a: attack_metrics(args.runs, args.dataset, a) for a in ATTACKS}
+    setting = "the default experiment" if args.dataset == "fmnist" else f"the default experiment with dataset={args.dataset}"
+    lines = [f"ASR / ACC on the 9,800 evaluation images ({NAMES[args.dataset]}, {setting}, seed 42, "
              "10 rounds):", "",
              "| attack | " + " | ".join(name for name, _, _ in DEFENSES) + " |",
              "| --- " * (len(DEFENSES) + 1) + "|"]
@@ -70,7 +81,9 @@ def main() -> None:
     print(text)
     if args.readme:
         readme = args.readme.read_text()
-        start, end = readme.index("-->\n", readme.index("<!-- attack-table")) + 4, readme.index("<!-- /attack-table -->")
+        tag = "attack-table" if args.dataset == "fmnist" else f"attack-table-{args.dataset}"
+        start = readme.index("-->\n", readme.index(f"<!-- {tag}:")) + 4
+        end = readme.index(f"<!-- /{tag} -->")
         args.readme.write_text(readme[:start] + text + "\n" + readme[end:])
     if args.json:
         args.json.write_text(json.dumps({"cells": table, "attack_metrics": metrics}, indent=1) + "\n")
