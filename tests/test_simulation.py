@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from launch.superlink import SOURCE_ROOT as PROJECT_ROOT
+from server.results import ROUNDS_HEADER
 
 DATA = PROJECT_ROOT / "data"
 
@@ -111,8 +112,7 @@ def test_artifacts(small_run):
 
     rows = list(csv.DictReader((run_dir / "rounds.csv").open()))
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
-    assert float(rows[0]["seconds"]) == float(rows[0]["eval_seconds"]) > 0  # round 0: the evaluation only
-    assert all(float(r["seconds"]) > float(r["eval_seconds"]) > 0 for r in rows[1:])  # training + evaluation
+    assert list(rows[0]) == ROUNDS_HEADER  # round, acc, asr, seconds, eval_seconds (timings: benchmarks/speed.py)
     assert float(rows[2]["acc"]) > float(rows[0]["acc"]) + 0.1  # it learned (10 classes: ~0.1 at round 0)
 
     summary = json.loads((run_dir / "summary.json").read_text())
