@@ -13,8 +13,8 @@ from attacks import AttackContext, ModelAttack, malicious_clients, poison, trigg
 from experiment import seeds
 from experiment.config import ExperimentConfig
 from experiment.data import load, partition_indices, subsample, to_float
-from experiment.hardware import autocast, inference_batch
-from models import split_at
+from experiment.hardware import autocast
+from models import inference_batches, split_at
 
 
 @dataclass(frozen=True)
@@ -114,16 +114,10 @@ def train_local(
     return mean_loss
 
 
-@torch.no_grad()
 def input_ranks(model: nn.Sequential, layer: str, images: torch.Tensor) -> np.ndarray:
     """Rank (0 = least active) of each input of Linear `layer` by its mean activation."""
     body, _ = split_at(model.eval(), layer)
-    device = next(model.parameters()).device
-    batch = inference_batch(device)
-    total = None
-    for i in range(0, len(images), batch):
-        part = body(to_float(images[i : i + batch]).to(device)).sum(0)
-        total = part if total is None else total + part
+    total = sum(out.sum(0) for out in inference_batches(body, images))  # streamed: N x z never held
     order = torch.argsort(total.cpu(), stable=True)
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(len(order))

@@ -54,8 +54,8 @@ CANDIDATES: dict[str, dict] = {
 def test_curve(model, initial, layer, images, labels, triggered, target, counts, order):
     """(ACC, ASR) on the test images at every count of the flipping order."""
     body, head = split_at(model, layer)
-    feats = tau_inputs(body, to_float(images), batch=1000)
-    trig = tau_inputs(body, to_float(triggered), batch=1000)
+    feats = tau_inputs(body, to_float(images))
+    trig = tau_inputs(body, to_float(triggered))
     w, w0 = head[0].weight.detach(), initial[f"{layer}.weight"]
     acc = [(z.argmax(1) == labels).double().mean().item()
            for z in flip_path_logits(feats, w0, w, head[0].bias.detach(), head[1:], order, counts)]

@@ -12,13 +12,14 @@ tau's weight. The Fashion-MNIST network has no BatchNorm.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from experiment.config import ConfigError, ExperimentConfig
-from experiment.data import DATASETS
+from experiment.data import DATASETS, to_float
+from experiment.hardware import inference_batch
 
 
 class Standardize(nn.Module):
@@ -157,6 +158,18 @@ def split_at(model: nn.Sequential, layer: str) -> tuple[nn.Sequential, nn.Sequen
     """(body, head): body(x) is the input of Linear `layer`, head(body(x)) == model(x)."""
     i = list(model._modules).index(resolve_tau(model, layer))
     return model[:i], model[i:]
+
+
+@torch.no_grad()
+def inference_batches(module: nn.Module, images: torch.Tensor, batch: int | None = None) -> Iterator[torch.Tensor]:
+    """`module`'s outputs on `images` (uint8 or float; N x C x H x W fed channels-last: same
+    math, faster convolutions), `batch` at a time (default: the device's `inference_batch`),
+    on the module's device. The module's weights keep their layout."""
+    device = next(module.parameters(), images).device
+    batch = batch or inference_batch(device)
+    layout = torch.channels_last if images.dim() == 4 else torch.contiguous_format
+    for i in range(0, len(images), batch):
+        yield module(to_float(images[i : i + batch]).to(device, memory_format=layout))
 
 
 def check(cfg: ExperimentConfig) -> None:

@@ -8,23 +8,14 @@ import torch
 from torch import nn
 
 from attacks.triggers import PixelTrigger
-from experiment.data import to_float
-from experiment.hardware import inference_batch
+from models import inference_batches
 
 
-@torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     """Predicted labels (on CPU) for uint8 or float images, in eval mode and full fp32
-    (channels-last: same math, faster convolutions), `batch` images at a time (default:
-    the device's `inference_batch`)."""
+    (`inference_batches`; the scratch model's weights are made channels-last too)."""
     model.eval().to(memory_format=torch.channels_last)
-    device = next(model.parameters()).device
-    batch = batch or inference_batch(device)
-    out = [
-        model(to_float(images[i : i + batch]).to(device, memory_format=torch.channels_last)).argmax(1).cpu()
-        for i in range(0, len(images), batch)
-    ]
-    return torch.cat(out)
+    return torch.cat([out.argmax(1).cpu() for out in inference_batches(model, images, batch)])
 
 
 @dataclass
