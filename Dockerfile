@@ -1,7 +1,10 @@
 # The app image for the ServerApp and ClientApp runners: Flower's SuperExec image with this
 # project installed (see docker-compose.yml). Layers run from the slowest-changing to the
 # fastest, so editing the code rebuilds only the last two.
-ARG FLWR_VERSION=1.41.0
+# FLWR_VERSION has no default: it is the pin on flwr in pyproject.toml, passed by
+# docker-compose.yml (`flain compose` writes it there); `docker build` alone needs
+# --build-arg FLWR_VERSION=X.Y.Z. The build stops if the image's flwr is not that pin.
+ARG FLWR_VERSION
 # Another base with flower-superexec as its entrypoint works too (make compose-test uses a
 # locally built one: docker/flwr-local.Dockerfile).
 ARG BASE_IMAGE=flwr/superexec:${FLWR_VERSION}
@@ -21,12 +24,14 @@ RUN if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi \
  && python -m pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url ${TORCH_INDEX}} ${TORCH}
 
 # The other dependencies from pyproject.toml, before the code. Ray (flwr[simulation]) stays
-# out: containers run real SuperNodes, not the simulation; flwr stays at the base's version.
+# out: containers run real SuperNodes, not the simulation; flwr is pyproject's exact pin, and a
+# base or FLWR_VERSION of another release is refused here rather than by the SuperLink later.
 COPY --chown=app:app pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(d.replace('flwr[simulation]', 'flwr') for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if not d.startswith(('torch', 'torchvision'))))" > /tmp/requirements.txt \
  && if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi \
- && python -m pip install --no-cache-dir -r /tmp/requirements.txt "flwr==${FLWR_VERSION}" \
- && rm /tmp/requirements.txt
+ && python -m pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt \
+ && python -c "import sys, flwr; v = flwr.__version__; sys.exit(0 if v == '${FLWR_VERSION}' else f'flwr {v} in the app image is not FLWR_VERSION=${FLWR_VERSION} (the pin in pyproject.toml): regenerate docker-compose.yml with flain compose')"
 
 # Only what the ServerApp and ClientApp import: the launcher package (launch/) stays out.
 COPY --chown=app:app server server

@@ -20,6 +20,9 @@ exits 1):
     final.pt and flain.pt on the host through the volumes.
  6. `docker compose down`: every container and network of the test's project is removed
     (checked); the images stay as the build cache for the next run.
+ 7. a broken app image (the same image with the previous Flower release installed) must make
+    the test fail, at once and in under two minutes, with the exited container's log: every
+    wait here watches the containers it depends on and has a deadline.
 """
 
 from __future__ import annotations
@@ -38,14 +41,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-import flwr
-
 from launch.compose import COMPOSE_PORT
-from launch.superlink import CONNECTION, SOURCE_ROOT, SuperLink, app_directory, free_port, write_run_config
+from launch.superlink import CONNECTION, SOURCE_ROOT, RunFailed, SuperLink, app_directory, free_port, write_run_config
 from launch.tls import Tls, make_node_key, make_tls
+from launch.versions import VersionMismatch, check_installed, flwr_pin
 
 HERE = Path(__file__).resolve().parent
-VERSION = flwr.__version__
+VERSION = flwr_pin()
+BROKEN_DEADLINE = 120.0  # a mismatched app image must fail the test within this many seconds
 NODES = 3
 APP_UID = 49999  # the `app` user of Flower's images (and of our stand-ins)
 T0 = time.monotonic()
@@ -251,6 +254,20 @@ class Stack:
         size = int(sh("docker", "image", "inspect", "-f", "{{.Size}}", image).stdout.strip())
         say(f"docker compose build: app image {image}, {size / 1e9:.2f} GB, in {time.monotonic() - started:.0f}s")
 
+    def exited(self, ignore: set[str] = frozenset()) -> str | None:
+        """Why the stack is broken, if a container of it has exited (none should while a run
+        is on, except one the test killed itself): its service, exit code and last log lines."""
+        out = self("ps", "-a", "--format", "json", check=False, timeout=60)
+        text = out.stdout.strip()  # one JSON object a line (compose >= 2.21), or one array (older)
+        rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()
+                                                               if line.strip().startswith("{")]
+        for row in rows:
+            if row.get("State") in ("exited", "dead") and row.get("Service") not in ignore:
+                service = row.get("Service")
+                return (f"container {service} exited with code {row.get('ExitCode')}; its last lines:\n"
+                        f"{self.logs(service, 20)}")
+        return None
+
     def logs(self, service: str = "", tail: int = 60) -> str:
         return self("logs", "--no-color", "--tail", str(tail), *([service] if service else []), check=False).stdout
 
@@ -281,8 +298,12 @@ def prepare_project(root: Path, data_dir: Path) -> Tls:
 
 
 def wait_for(what: str, ready, timeout: float, stack: Stack, service: str = "") -> None:
+    """Until `ready()`; Failed after `timeout` s, or at once when a container of the stack exits."""
     deadline = time.monotonic() + timeout
     while not ready():
+        broken = stack.exited()
+        if broken:
+            raise Failed(f"waiting for {what}: {broken}")
         if time.monotonic() > deadline:
             raise Failed(f"{what} did not happen in {timeout:.0f}s\n--- logs ---\n{stack.logs(service)}")
         time.sleep(2)
@@ -293,19 +314,24 @@ def online_nodes(link: SuperLink) -> int:
     return sum(1 for n in nodes if str(n.get("status", "online")).lower() == "online")
 
 
-def run_stack(compose: str, images: dict[str, str], root: Path, data_dir: Path) -> float:
+def run_stack(compose: str, images: dict[str, str], root: Path, data_dir: Path, build: bool = True) -> float:
+    """Steps 3-6 in the project directory `root`; the run's seconds. Without `build` the app
+    image named in `images` is used as it is."""
     tls = prepare_project(root, data_dir)
     port = free_port()
-    build_env, servers = torch_build_env()
-    stack = Stack(compose, root, images | build_env, port)
-    try:
-        stack.build()
-    finally:
-        for server in servers:
-            server.close()
+    if build:
+        build_env, servers = torch_build_env()
+        stack = Stack(compose, root, images | build_env, port)
+        try:
+            stack.build()
+        finally:
+            for server in servers:
+                server.close()
+    else:
+        stack = Stack(compose, root, images, port)
     link = SuperLink(root / "cli", simulation=False, tls=tls, port=port)
     link.write_connection()
-    killed = False
+    killed, gone = False, set()
     try:
         stack("up", "-d", "--no-build", "superlink")
         # the published port opens before the SuperLink inside listens: wait for a real answer
@@ -330,11 +356,16 @@ def run_stack(compose: str, images: dict[str, str], root: Path, data_dir: Path) 
             if "[flain]" in line or "failures" in line:
                 say("  " + re.sub(r"\x1b\[[0-9;]*m", "", line).strip())
             if "[flain] round 1/2" in line and not killed:
+                gone.update({"supernode-2", "clientapp-2"})  # its ClientApp runner may go with it
                 stack("kill", "supernode-2")  # a crash, not a goodbye: the SuperLink must notice
                 killed = True
                 say("  killed the supernode-2 container")
 
-        final = link.follow(run_id, on_line, poll=10)
+        try:  # 2 small rounds take 2-5 minutes here; a run nobody picks up fails in 2
+            final = link.follow(run_id, on_line, poll=10, watch=lambda: stack.exited(ignore=gone),
+                                start_timeout=120, timeout=1200)
+        except RunFailed as exc:
+            raise Failed(f"run {run_id}: {exc}") from None
         seconds = time.monotonic() - started
         if final["status"] != "finished:completed":
             raise Failed(f"run ended {final['status']}: {final.get('status-details', '')}\n"
@@ -404,20 +435,67 @@ def check_results(run_dir: Path, killed: bool) -> None:
         raise Failed("summary.json has no FLAIN result")
 
 
+def previous_release(version: str) -> str:
+    """The release before `version`'s major.minor (1.42.0 -> 1.41.0): one the SuperLink refuses."""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    if minor == 0:
+        raise Failed(f"no earlier minor release of flwr {version} to break the app image with")
+    return f"{major}.{minor - 1}.0"
+
+
+def broken_app_image(app_image: str) -> str:
+    """The app image with the previous Flower release installed over the pinned one."""
+    old = previous_release(VERSION)
+    name = f"flain-app:{VERSION}-broken-{old}"
+    dockerfile = f"FROM {app_image}\nRUN python -m pip install --no-cache-dir --no-deps flwr=={old}\n"
+    out = subprocess.run(["docker", "build", "--network", "host", "-t", name, "-"], input=dockerfile,
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise Failed(f"building the broken app image failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return name
+
+
+def broken_image_fails_fast(compose: str, images: dict[str, str], work: Path, data_dir: Path) -> float:
+    """Step 7: the stack with a mismatched app image; the seconds until the test failed."""
+    broken = broken_app_image(images["FLAIN_APP_IMAGE"])
+    say(f"step 7: the stack again with {broken} (flwr {previous_release(VERSION)} against a {VERSION} SuperLink)")
+    started = time.monotonic()
+    try:
+        run_stack(compose, images | {"FLAIN_APP_IMAGE": broken}, work / "project-broken", data_dir, build=False)
+    except Failed as exc:
+        seconds = time.monotonic() - started
+        first = str(exc).splitlines()[0]
+        if seconds > BROKEN_DEADLINE:
+            raise Failed(f"the broken app image failed the test only after {seconds:.0f}s "
+                         f"(limit {BROKEN_DEADLINE:.0f}s): {first}") from None
+        say(f"the broken app image failed the test in {seconds:.0f}s, as it must: {first}")
+        return seconds
+    raise Failed(f"a run with an app image at flwr {previous_release(VERSION)} completed: the mismatch went unnoticed")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(SOURCE_ROOT / "data"))
+    parser.add_argument("--app-image", help="use this app image instead of building one (e.g. to check that a "
+                                            "mismatched image fails the test quickly)")
+    parser.add_argument("--skip-broken-image", action="store_true", help="leave out step 7")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="flain-compose-"))
     engine = None
     try:
+        check_installed()
         engine = start_engine(work / "dockerd.log")
         compose = compose_binary()
         images = base_images(work)
-        seconds = run_stack(compose, images, work / "project", Path(args.data_dir).resolve())
-        say(f"PASSED (the run itself {seconds:.0f}s; {time.monotonic() - T0:.0f}s in all)")
+        if args.app_image:
+            images["FLAIN_APP_IMAGE"] = args.app_image
+        data_dir = Path(args.data_dir).resolve()
+        seconds = run_stack(compose, images, work / "project", data_dir, build=not args.app_image)
+        broken = "" if args.skip_broken_image or args.app_image else (
+            f"; a broken app image failed it in {broken_image_fails_fast(compose, images, work, data_dir):.0f}s")
+        say(f"PASSED (the run itself {seconds:.0f}s{broken}; {time.monotonic() - T0:.0f}s in all)")
         return 0
-    except (Failed, subprocess.TimeoutExpired, RuntimeError) as exc:
+    except (Failed, VersionMismatch, subprocess.TimeoutExpired, RuntimeError) as exc:
         print(f"[compose-test] FAILED: {exc}", file=sys.stderr)
         return 1
     finally:

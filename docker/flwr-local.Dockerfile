@@ -14,7 +14,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --no-create-home --home-dir /app -c "" --uid 49999 app \
  && mkdir -p /app && chown app:app /app
-ARG FLWR_VERSION=1.41.0
+# no default: the pin on flwr in pyproject.toml (docker/compose_test.py passes it)
+ARG FLWR_VERSION
+RUN test -n "${FLWR_VERSION}" || { echo 'build with --build-arg FLWR_VERSION=X.Y.Z (the pin in pyproject.toml)'; exit 1; }
 COPY ca-bundle.crt /etc/ssl/certs/build-host-ca.crt
 ENV PIP_CERT=/etc/ssl/certs/build-host-ca.crt
 RUN python3 -m venv /python/venv \

@@ -265,8 +265,13 @@ DATASETS: dict[str, DatasetSpec] = {
 
 # ---- loading --------------------------------------------------------------------------
 def fetch(name: str, data_dir: str | Path) -> None:
-    """Make sure data set `name` is in `data_dir` (fetching it if it can)."""
-    DATASETS[name].fetch(Path(data_dir))
+    """Make sure data set `name` is in `data_dir` (fetching it if it can); DataUnavailable,
+    one line, when it cannot (also when the directory cannot be made or written)."""
+    try:
+        DATASETS[name].fetch(Path(data_dir))
+    except OSError as exc:
+        where = exc.filename or data_dir
+        raise DataUnavailable(f"{name} cannot be prepared in {data_dir}: {exc.strerror or exc} ({where})") from None
 
 
 @lru_cache(maxsize=4)

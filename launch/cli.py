@@ -22,6 +22,7 @@ import argparse
 import collections
 import json
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from experiment.data import DATASETS, DataUnavailable, fetch
 from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table
 from server.checks import check_experiment
 
-EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED = 1, 2, 3, 4
+EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 # what a finished run leaves in its directory (cleared by --overwrite)
 RUN_ARTIFACTS = ("config.json", "rounds.csv", "summary.json", "summary.json.tmp", "plot.png", "aux.npy", "*.pt")
 
@@ -109,6 +110,12 @@ def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
     return cfg
 
 
+def run_deadline(cfg: ExperimentConfig) -> float:
+    """Seconds after which a run is given up: start-up, every round waiting its full
+    `round-timeout` plus a central evaluation, and the post-training defenses."""
+    return 600 + cfg.num_rounds * (cfg.round_timeout + 300) + 7200
+
+
 def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[str, Any],
              nodes: int = 0, tls: bool = False) -> int:
     """Run the app on a private SuperLink: simulation (nodes=0) or `nodes` real SuperNodes."""
@@ -137,15 +144,15 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
                     fed.wait_connected()
                 config_file = write_run_config(cfg.to_run_config(), link.workdir / "run-config.toml")
                 run_id = link.submit(app_directory(link.workdir), config_file, federation)
-                final = link.follow(run_id, show)
+                final = link.follow(run_id, show, watch=fed.all_gone if fed else None, timeout=run_deadline(cfg))
             finally:
                 if fed:
                     fed.stop()
             if final["status"] != "finished:completed":
                 raise RunFailed(f"{final['status']}: {final.get('status-details', '')}")
     except KeyboardInterrupt:
-        print("\nflain: interrupted; every process started was stopped", file=sys.stderr)
-        return 130
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (RunFailed, RuntimeError) as exc:
         print("\n".join(["", "flain: last log lines:", *tail]), file=sys.stderr)
         print(f"flain: run failed: {exc}", file=sys.stderr)
@@ -331,15 +338,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_compose(args: argparse.Namespace) -> int:
     """Write docker-compose.yml (and the certificates and node keys it mounts)."""
-    import flwr
-
     from launch.compose import compose_yaml
     from launch.tls import make_node_key, make_tls
+    from launch.versions import flwr_pin
 
     if args.nodes < 1:
         print(f"flain: configuration error: --nodes {args.nodes} is not allowed: must be >= 1", file=sys.stderr)
         return EXIT_CONFIG
-    Path(args.out).write_text(compose_yaml(args.nodes, flwr.__version__))
+    Path(args.out).write_text(compose_yaml(args.nodes, flwr_pin()))
     print(f"flain: wrote {args.out} ({args.nodes} SuperNodes)")
     if args.certs:
         certs = Path(args.certs)
@@ -430,9 +436,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+INTERRUPTED = "flain: interrupted; every process started was stopped"
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (timeout, systemd, docker stop, CI) ends a command as Ctrl-C does: the cleanup
+    in `finally` blocks stops every process it started. Later signals are ignored so that
+    the cleanup itself (bounded by its own grace periods) is not cut short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from launch.superlink import CONNECTION, SuperLink, _bin, free_port, stop_tree
+from launch.superlink import CONNECTION, SuperLink, _bin, free_port, log_tail, stop_tree
 from launch.tls import Tls, make_node_key
 
 
@@ -39,7 +39,7 @@ class Federation:
             private, public = make_node_key(self.link.workdir, f"node{partition}")
             if register:
                 self.link.flwr("supernode", "register", str(public), CONNECTION)
-        log = (self.link.workdir / f"node{partition}.log").open("ab")
+        log = self._log(partition).open("ab")
         proc = subprocess.Popen(
             supernode_command(self.link.address, free_port(), partition, self.count,
                               self.tls.ca if self.tls else None, private),
@@ -56,11 +56,29 @@ class Federation:
         return len(self.link.flwr("supernode", "list", CONNECTION).get("nodes", []))
 
     def wait_connected(self, timeout: float = 120.0) -> None:
+        """Until every SuperNode is connected; RuntimeError after `timeout` s, or at once when
+        a SuperNode process exits (with its last log lines)."""
         deadline = time.monotonic() + timeout
         while self.connected() < self.count:
+            for partition, proc in enumerate(self.nodes):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"SuperNode {partition} exited with code {proc.returncode} before connecting:\n"
+                                       f"{log_tail(self._log(partition))}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {self.connected()} of {self.count} SuperNodes connected in {timeout:.0f}s")
+                raise RuntimeError(f"only {self.connected()} of {self.count} SuperNodes connected in {timeout:.0f}s; "
+                                   f"the last lines of node 0's log:\n{log_tail(self._log(0))}")
             time.sleep(2)
+
+    def all_gone(self) -> str | None:
+        """Why the run cannot go on, if every SuperNode process has exited (one dead node is a
+        client failure the run survives, all of them are not)."""
+        if self.nodes and all(proc.poll() is not None for proc in self.nodes):
+            return (f"every SuperNode exited (codes {[p.returncode for p in self.nodes]}); node 0's last lines:\n"
+                    f"{log_tail(self._log(0))}")
+        return None
+
+    def _log(self, partition: int) -> Path:
+        return self.link.workdir / f"node{partition}.log"
 
     def stop(self) -> None:
         for proc in self.nodes:

@@ -16,6 +16,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -171,15 +172,50 @@ def complete_defenses(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
     return missing
 
 
+_RUNNING: set[subprocess.Popen] = set()  # the `flain run` children of this sweep
+_STOPPING = threading.Event()
+
+
 def run_training(training: Training, run_dir: Path, gpu: bool, quiet: bool) -> int:
-    """`flain run` for one training in a fresh process; its exit code."""
+    """`flain run` for one training in a fresh process; its exit code. Each child has its own
+    deadline (launch.cli.run_deadline); this one is a backstop a few minutes later."""
+    from launch.cli import run_deadline
+
+    if _STOPPING.is_set():
+        return 130
     cmd = [sys.executable, "-m", "launch.cli", "run", "--overwrite"]
     for key, value in {**training.overrides, "run-dir": str(run_dir)}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     if gpu:
         cmd.append("--gpu")
     out = subprocess.DEVNULL if quiet else None
-    return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT if quiet else None).returncode
+    # its own session: a terminal's Ctrl-C reaches only this process, which stops the children
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if quiet else None, start_new_session=True)
+    _RUNNING.add(proc)
+    try:
+        return proc.wait(timeout=run_deadline(resolved(training)) + 600)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        return 124
+    finally:
+        _RUNNING.discard(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the child stops its SuperLink, Ray and actors), SIGKILL after a minute."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def stop_all() -> None:
+    """Stop every training this sweep is running and start no more."""
+    _STOPPING.set()
+    for proc in list(_RUNNING):
+        _stop(proc)
 
 
 def sweep(trainings: list[Training], out: Path, jobs: int, gpu: bool, run: bool = True) -> dict[str, str]:
@@ -211,7 +247,11 @@ def sweep(trainings: list[Training], out: Path, jobs: int, gpu: bool, run: bool 
               f"about {left / 60:.0f} min left", flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, todo))
+        try:
+            list(pool.map(one, todo))
+        except KeyboardInterrupt:
+            stop_all()  # before the pool's exit waits for the threads that wait for them
+            raise
     for t in trainings:
         if status[t.name] in ("reused", "done") and t.overrides["aggregation"] == "fedavg":
             complete_defenses(out / "runs" / t.name, resolved(t))

