@@ -59,6 +59,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             "num-examples": len(data.labels),
+            "partition-id": partition_id,
             "train-loss": loss,
             "malicious": int(data.malicious),
             "poisoned": data.poisoned,
@@ -74,12 +75,12 @@ def activation_ranking(msg: Message, context: Context) -> Message:
     """Federated pruning (Wu et al. 2020), client side: rank the inputs of layer tau by
     their mean activation on this client's own data; only the ranks leave the client."""
     cfg = ExperimentConfig.from_run_config(context.run_config)
-    data = client_data(cfg, int(context.node_config["partition-id"]))
+    partition_id = int(context.node_config["partition-id"])
+    data = client_data(cfg, partition_id)
     model = build_model(cfg.dataset)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(pick_device())
     ranks = input_ranks(model, str(msg.content["config"]["layer"]), data.images)
-    content = RecordDict(
-        {"ranks": ArrayRecord({"ranks": Array(ranks)}), "metrics": MetricRecord({"num-examples": len(data.labels)})}
-    )
+    metrics = MetricRecord({"num-examples": len(data.labels), "partition-id": partition_id})
+    content = RecordDict({"ranks": ArrayRecord({"ranks": Array(ranks)}), "metrics": metrics})
     return Message(content=content, reply_to=msg)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ class ConfigError(ValueError):
     """A run-config value that cannot work; raised before any training."""
 
 
+INT_LIMIT = 2**63 - 1
+SEED_LIMIT = 2**32 - 1  # seeds are mixed into numpy/torch streams; Flower needs 64-bit at most
+FLAIN_STEP_RANGE = (1e-6, 1.0)  # activations of a ReLU layer; below 1e-6 the search takes minutes
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """All settings of one run. Field `x_y` is run-config key `x-y`."""
@@ -35,6 +41,7 @@ class ExperimentConfig:
     num_clients: int = 10
     min_clients: int = 0  # 0: half of num-clients, rounded up
     round_timeout: float = 600.0
+    max_examples: int = 0  # 0: a client's partition size, as the server computes it
     num_rounds: int = 10
     local_epochs: int = 1
     batch_size: int = 256
@@ -155,6 +162,7 @@ class ExperimentConfig:
                 f"min-clients={self.min_clients} is not allowed: 0 (auto: half) or 1..{self.num_clients}"
             )
         positive("round-timeout", self.round_timeout)
+        at_least("max-examples", self.max_examples, 0)
         at_least("local-epochs", self.local_epochs, 1)
         at_least("batch-size", self.batch_size, 1)
         positive("lr", self.lr)
@@ -169,7 +177,9 @@ class ExperimentConfig:
                 f"source-label={self.source_label} equals target-label={self.target_label}; "
                 "the backdoor must change the label"
             )
-        positive("flain-step", self.flain_step)
+        low, high = FLAIN_STEP_RANGE
+        if not low <= self.flain_step <= high:
+            raise ConfigError(f"flain-step={self.flain_step} is not allowed: must satisfy {low:g} <= value <= {high:g}")
         unit_interval("flain-rho", self.flain_rho, low_open=True)
         unit_interval("flain-cv-tol", self.flain_cv_tol, low_open=True)
         at_least("flain-cv-folds", self.flain_cv_folds, 2)
@@ -203,7 +213,8 @@ class ExperimentConfig:
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise ConfigError(f"post-defenses={self.post_defenses!r} names {twice} twice: give each defense once")
-        at_least("seed", self.seed, 0)
+        if not 0 <= self.seed <= SEED_LIMIT:
+            raise ConfigError(f"seed={self.seed} is not allowed: must satisfy 0 <= value <= {SEED_LIMIT}")
         if not self.data_dir:
             raise ConfigError("data-dir='' is empty: give a directory for the data sets")
 
@@ -260,10 +271,14 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     if type_name == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}={value!r} is not allowed: must be an integer")
+        if not -INT_LIMIT <= value <= INT_LIMIT:  # Flower carries run-config integers as 64-bit
+            raise ConfigError(f"{key}={value} is not allowed: out of range")
         return value
     if type_name == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}={value!r} is not allowed: must be a number")
+        if not math.isfinite(value):  # NaN passes every `<` check, inf most of them
+            raise ConfigError(f"{key}={value} is not allowed: must be a finite number")
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"{key}={value!r} is not allowed: must be a string")

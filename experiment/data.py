@@ -327,12 +327,24 @@ def partition_indices(
         ) from exc
 
 
+def subsample_size(size: int, fraction: float) -> int:
+    """How many of `size` images `subsample` keeps."""
+    return size if fraction >= 1.0 else max(1, int(round(fraction * size)))
+
+
 def subsample(indices: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """A fixed random share of `indices` (train-fraction, for quick tries)."""
     if fraction >= 1.0:
         return indices
-    keep = max(1, int(round(fraction * len(indices))))
-    return np.sort(rng.choice(indices, size=keep, replace=False))
+    return np.sort(rng.choice(indices, size=subsample_size(len(indices), fraction), replace=False))
+
+
+def partition_sizes(cfg: ExperimentConfig) -> list[int]:
+    """Every client's training-set size, from the same split the clients make: what the
+    server knows of each client without asking it (a reply's `num-examples` may not exceed it)."""
+    _, labels = load(cfg.dataset, cfg.data_dir, train=True)
+    parts = partition_indices(labels.numpy(), cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed)
+    return [subsample_size(len(p), cfg.train_fraction) for p in parts]
 
 
 def split_test(test_size: int, aux_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

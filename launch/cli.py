@@ -31,12 +31,12 @@ from typing import Any
 
 from experiment.config import ConfigError, ExperimentConfig, default_run_config, parse_overrides
 from experiment.data import DATASETS, DataUnavailable, fetch
-from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table
+from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table, read_run
 from server.checks import check_experiment
+from server.results import (SUMMARY_FILE, RunFileError, atomic_text, check_name, clear, end_status, is_run_dir,
+                            read_json)
 
 EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
-# what a finished run leaves in its directory (cleared by --overwrite)
-RUN_ARTIFACTS = ("config.json", "rounds.csv", "summary.json", "summary.json.tmp", "plot.png", "aux.npy", "*.pt")
 
 # log lines shown without --verbose: our per-round progress, Flower's round headers, problems
 _PROGRESS = re.compile(r"\[flain\]|\[ROUND \d+/\d+\]|Run directory|ERROR|Error|Traceback|failures")
@@ -67,33 +67,33 @@ def _writable(key: str, path: Path) -> None:
 
 
 def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
-    """The data and run directories can be written; the run directory holds no earlier run
-    unless `overwrite`."""
-    _writable("data-dir", Path(cfg.data_dir))
+    """The run directory can be written and holds nothing of anyone else's: an earlier run of
+    ours only with `overwrite` (it is then deleted whole), other files never. The data
+    directory need not be writable when the data set is complete there (fetch says if not)."""
     run_dir = Path(cfg.run_dir)
     _writable("run-dir", run_dir)
-    if (run_dir / "summary.json").exists() and not overwrite:
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"run-dir='{run_dir}' already holds files that are not a flain run: "
+                          "choose a new or empty directory (--name or --set run-dir=...)")
+    if not overwrite:
         try:
-            status = json.loads((run_dir / "summary.json").read_text()).get("status", "unknown")
-        except ValueError:
+            status = read_json(run_dir / SUMMARY_FILE).get("status", "unknown")
+        except RunFileError:
             status = "unreadable"
         raise ConfigError(f"run-dir='{run_dir}' already holds a run (status {status!r}): "
                           "choose another --name or run-dir, or pass --overwrite to replace it")
 
 
-def clear_run(run_dir: Path) -> None:
-    """Remove an earlier run's files (only the ones a run writes) before --overwrite."""
-    for pattern in RUN_ARTIFACTS:
-        for path in run_dir.glob(pattern):
-            path.unlink()
-
-
 def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
     """The checked configuration with its data in place, or an exit code."""
     try:
+        if args.name is not None:
+            check_name(args.name)
         cfg = resolve(parse_overrides(args.set) | forced, args.name)
         check_paths(cfg, args.overwrite)
-    except ConfigError as exc:
+    except (ConfigError, RunFileError) as exc:
         print(f"flain: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.dry_run:
@@ -106,7 +106,7 @@ def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
         print(f"flain: data error: {exc}", file=sys.stderr)
         return EXIT_DATA
     if args.overwrite:
-        clear_run(Path(cfg.run_dir))
+        clear(Path(cfg.run_dir))  # checked above: ours, or empty
     return cfg
 
 
@@ -151,14 +151,20 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
             if final["status"] != "finished:completed":
                 raise RunFailed(f"{final['status']}: {final.get('status-details', '')}")
     except KeyboardInterrupt:
+        end_status(run_dir, "interrupted", "stopped by a signal (Ctrl-C or SIGTERM)")
         print(f"\n{INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (RunFailed, RuntimeError) as exc:
+        end_status(run_dir, "failed", str(exc).splitlines()[0])
         print("\n".join(["", "flain: last log lines:", *tail]), file=sys.stderr)
         print(f"flain: run failed: {exc}", file=sys.stderr)
         return EXIT_RUN_FAILED
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    try:
+        summary = read_json(run_dir / SUMMARY_FILE, ("status", "final"))
+    except RunFileError as exc:
+        print(f"flain: run failed: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     print(f"\nflain: finished in {time.perf_counter() - started:.0f}s; results in {run_dir}\n")
     print(format_table(summary))
     if summary.get("status") == "defense-failed":
@@ -267,13 +273,13 @@ def cmd_defend(args: argparse.Namespace) -> int:
         overrides = parse_overrides(args.set)
         defenses = [n.strip() for n in args.post_defenses.split(",") if n.strip()]
         out, summary = defend(run_dir, defenses, overrides, args.name, args.overwrite)
-    except (ConfigError, NotARunDirectory) as exc:
+        _, run_summary = read_run(run_dir)
+    except (ConfigError, NotARunDirectory, RunFileError) as exc:
         print(f"flain: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except DataUnavailable as exc:
         print(f"flain: data error: {exc}", file=sys.stderr)
         return EXIT_DATA
-    run_summary = json.loads((run_dir / "summary.json").read_text())
     recheck = summary["no_defense"]
     if abs(recheck["acc"] - run_summary["final"]["acc"]) > 1e-6:
         print(f"flain: warning: the final model scores ACC {recheck['acc']:.4f} here but {run_summary['final']['acc']:.4f} "
@@ -325,11 +331,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     except DataUnavailable as exc:
         print(f"flain: data error: {exc}", file=sys.stderr)
         return EXIT_DATA
-    status = rep.sweep(trainings, out, args.jobs, args.gpu, run=not args.report_only)
-    data = rep.report(trainings, out)
+    try:
+        status = rep.sweep(trainings, out, args.jobs, args.gpu, run=not args.report_only)
+        data = rep.report(trainings, out)
+    except RunFileError as exc:
+        print(f"flain reproduce: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     data["status"] = status
-    (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / "report.md").write_text(rep.markdown(data))
+    atomic_text(out / "report.json", json.dumps(data, indent=1) + "\n")
+    atomic_text(out / "report.md", rep.markdown(data))
     rep.plots(data, out)
     failed = [n for n, s in status.items() if s.startswith("failed")]
     print(f"flain reproduce: report in {out / 'report.md'}" + (f"; {len(failed)} trainings FAILED" if failed else ""))

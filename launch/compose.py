@@ -18,7 +18,8 @@ COMPOSE_HEADER = """\
 # from the same commands `flain deploy` runs as processes (see README, "Deployment").
 # Images: Flower's official ones unless FLAIN_SUPERLINK_IMAGE, FLAIN_SUPERNODE_IMAGE,
 # FLAIN_APP_IMAGE or FLAIN_APP_BASE (the app image's base) say otherwise; the SuperLink's
-# port is published on FLAIN_SUPERLINK_PORT (default 9090, e.g. 127.0.0.1:9090). The app
+# port is published on FLAIN_SUPERLINK_PORT (default 127.0.0.1:9090: this machine only; 9090
+# publishes it on every interface, see the README on exposing it). The app
 # image's PyTorch: FLAIN_TORCH_INDEX (default PyTorch's CPU index; empty: PyPI's CUDA
 # wheels), FLAIN_TORCH (the requirement), FLAIN_PIP_EXTRA_INDEX_URL (another package index).
 # `make compose-test` runs this file for real (docker/compose_test.py).
@@ -66,7 +67,9 @@ def compose_services(nodes: int, flwr_version: str) -> dict[str, Any]:
             "image": _var("FLAIN_SUPERLINK_IMAGE", flwr_version),
             "command": superlink_args(certs) + ["--host", "0.0.0.0", "--port", str(COMPOSE_PORT),
                                                 "--isolation", "process"],
-            "ports": [f"${{FLAIN_SUPERLINK_PORT:-{COMPOSE_PORT}}}:{COMPOSE_PORT}"],  # e.g. 127.0.0.1:9090
+            # this machine only by default: the Control API (submit, list, stop runs) has no user
+            # authentication in open-source Flower; FLAIN_SUPERLINK_PORT=9090 opens it to all
+            "ports": [f"${{FLAIN_SUPERLINK_PORT:-127.0.0.1:{COMPOSE_PORT}}}:{COMPOSE_PORT}"],
             "volumes": ["./certs:/certs:ro"],
         },
         "serverapp": {

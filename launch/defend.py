@@ -27,7 +27,8 @@ from models import build_model
 from server.app import apply_post_defenses
 from server.checks import check_experiment
 from server.evaluation import Evaluator
-from server.results import AUX_FILE, save_state, write_summary
+from server.results import (AUX_FILE, DEFENDED_DIR, check_name, clear, load_state, mark, model_file, read_aux,
+                            save_state, write_summary)
 from strategies.post_training import PostTrainingInput
 
 NEEDS_CLIENTS = ("fedpruning",)
@@ -60,7 +61,7 @@ def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: di
 def aux_indices(run_dir: Path, run_config: dict[str, Any], cfg: ExperimentConfig, test_size: int) -> tuple[np.ndarray, str]:
     """The run's aux indices in the test split, and where they came from."""
     if (run_dir / AUX_FILE).is_file():
-        return np.load(run_dir / AUX_FILE), AUX_FILE
+        return read_aux(run_dir / AUX_FILE, test_size), AUX_FILE
     size = aux_size(cfg)
     if "aux-size" in run_config.get("resolved", {}):  # runs of the SeedSequence code, before aux.npy
         return split_test(test_size, size, cfg.seed)[0], "seeds.rng(seed, 'aux-split')"
@@ -73,7 +74,7 @@ class DefendRecorder:
 
     def __init__(self, out: Path, info: dict[str, Any]) -> None:
         self.dir = out
-        self.dir.mkdir(parents=True, exist_ok=True)
+        mark(self.dir, "defended")
         self.summary: dict[str, Any] = {"status": "running", **info, "post_defenses": {}}
         self._write()
 
@@ -98,13 +99,16 @@ def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label:
     """Apply `defenses` to RUN_DIR's final model; (output directory, its summary)."""
     run_config, summary = read_run(run_dir)
     cfg = defend_config(run_config, defenses, overrides)
-    label = label or "+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))
-    out = run_dir / "defended" / label.replace("/", "_")
-    if (out / "summary.json").exists() and not overwrite:
-        raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
-    for name in ("initial.pt", "final.pt"):
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"{run_dir} has no {name}: the run did not finish training")
+    if label is None:
+        label = ("+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))).replace("/", "_")
+    out = run_dir / DEFENDED_DIR / check_name(label)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
+        clear(out)  # all of it (refused if it is not ours)
+    for name in ("initial", "final"):
+        if not model_file(run_dir, name).is_file():
+            raise ConfigError(f"{run_dir} has no {name}.pt: the run did not finish training")
 
     device = pick_device()
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
@@ -113,9 +117,10 @@ def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label:
     eval_mask[aux_idx] = False
     evaluator = Evaluator(build_model(cfg.dataset).to(device), images[eval_mask], labels[eval_mask],
                           trigger_scheme(cfg).full, cfg.source_label, cfg.target_label)
-    initial = torch.load(run_dir / "initial.pt", map_location=device)
-    final = torch.load(run_dir / "final.pt", map_location=device)
     model = build_model(cfg.dataset).to(device)
+    like = model.state_dict()
+    initial = load_state(model_file(run_dir, "initial"), like, device)
+    final = load_state(model_file(run_dir, "final"), like, device)
     model.load_state_dict(final)
     check = evaluator(final)  # the run's own no-Defense numbers, re-measured on the same images
     recorder = DefendRecorder(out, {

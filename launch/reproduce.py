@@ -26,6 +26,7 @@ from typing import Any
 
 from experiment.config import ConfigError, ExperimentConfig, default_run_config
 from server.checks import check_experiment
+from server.results import CONFIG_FILE, DEFENDED_DIR, SUMMARY_FILE, RunFileError, read_json
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 NAMES = ("table1", "table2", "table3", "table4", "table5", "table6", "fig5", "fig6")
@@ -128,9 +129,8 @@ def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
     nor which post-training defenses ran: missing ones are applied to its saved models
     (`complete_defenses`), a training is never repeated for them."""
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        config, summary = read_json(run_dir / CONFIG_FILE), read_json(run_dir / SUMMARY_FILE)
+    except RunFileError:
         return False
     if summary.get("status") not in ("completed", "defense-failed"):
         return False
@@ -147,11 +147,11 @@ def results(run_dir: Path) -> dict[str, Any]:
     """The run's summary with `flain defend` results (label `reproduce`) merged into post_defenses:
     a defense applied there (missing from the run, or re-applied after a change of its code with
     `flain defend RUN --name reproduce --overwrite`) takes precedence over the run's own entry."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    extra = run_dir / "defended" / DEFENDED_LABEL / "summary.json"
+    summary = read_json(run_dir / SUMMARY_FILE)
+    extra = run_dir / DEFENDED_DIR / DEFENDED_LABEL / SUMMARY_FILE
     if extra.is_file():
         own = summary.setdefault("post_defenses", {})
-        for name, result in json.loads(extra.read_text()).get("post_defenses", {}).items():
+        for name, result in read_json(extra).get("post_defenses", {}).items():
             if "acc" in result or "acc" not in own.get(name, {}):
                 own[name] = result
     return summary
@@ -164,8 +164,8 @@ def complete_defenses(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
     have = {k for k, v in results(run_dir).get("post_defenses", {}).items() if "acc" in v}
     missing = [n for n in cfg.post_defense_names if n not in have]
     if missing:
-        extra = run_dir / "defended" / DEFENDED_LABEL / "summary.json"
-        earlier = list(json.loads(extra.read_text()).get("post_defenses", {})) if extra.is_file() else []
+        extra = run_dir / DEFENDED_DIR / DEFENDED_LABEL / SUMMARY_FILE
+        earlier = list(read_json(extra).get("post_defenses", {})) if extra.is_file() else []
         names = earlier + [n for n in missing if n not in earlier]  # the directory is rewritten whole
         print(f"flain reproduce: applying {','.join(names)} to {run_dir.name}'s saved models", flush=True)
         defend(run_dir, names, {}, DEFENDED_LABEL, overwrite=True)

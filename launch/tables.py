@@ -3,9 +3,10 @@ markdown comparison (the paper's rows: FedAvg = no-Defense, FedAvg + FLAIN = FLA
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from server.results import CONFIG_FILE, DEFENDED_DIR, SUMMARY_FILE, RunFileError, read_json
 
 
 class NotARunDirectory(ValueError):
@@ -17,16 +18,28 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not run_dir.is_dir():
         raise NotARunDirectory(f"{run_dir} is not a directory")
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except FileNotFoundError as exc:
-        raise NotARunDirectory(f"{run_dir} is not a run directory: no {Path(exc.filename).name}") from None
-    except ValueError as exc:
-        raise NotARunDirectory(f"{run_dir} is not a run directory: unreadable JSON ({exc})") from None
-    if "final" not in summary or "aggregation" not in config:
-        status = summary.get("status", "unknown")
-        raise NotARunDirectory(f"{run_dir} holds no finished training (status {status!r})")
+        config = read_json(run_dir / CONFIG_FILE, ("dataset", "aggregation"))
+        summary = read_json(run_dir / SUMMARY_FILE, ("status",))
+    except RunFileError as exc:
+        raise NotARunDirectory(f"not a run directory: {exc}") from None
+    if not _result(summary.get("final")):
+        raise NotARunDirectory(f"{run_dir} holds no finished training (status {summary['status']!r})")
+    bad = [name for name, res in _dict(summary.get("post_defenses")).items()
+           if not isinstance(res, dict) or ("acc" in res and not _result(res))]
+    if bad or not isinstance(summary.get("post_defenses", {}), dict):
+        raise NotARunDirectory(f"{run_dir / SUMMARY_FILE}: post_defenses {bad or ''} are not results of ours")
     return config, summary
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _result(value: Any) -> bool:
+    """{acc, asr} with numbers in [0, 1]: what our summaries hold."""
+    return isinstance(value, dict) and all(
+        isinstance(value.get(k), int | float) and not isinstance(value.get(k), bool) and 0 <= value[k] <= 1
+        for k in ("acc", "asr"))
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -64,9 +77,13 @@ def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]
         rule = config["aggregation"]
         base = _RULE_NAMES.get(rule, rule)
         rows.append((run_dir.name, base, summary["final"]["acc"], summary["final"]["asr"]))
-        defended = [("", summary)] + [
-            (f" [defend {d.name}]", json.loads((d / "summary.json").read_text()))
-            for d in sorted((run_dir / "defended").glob("*")) if (d / "summary.json").is_file()]
+        defended = [("", summary)]
+        for d in sorted((run_dir / DEFENDED_DIR).glob("*")):
+            if (d / SUMMARY_FILE).is_file():
+                try:
+                    defended.append((f" [defend {d.name}]", read_json(d / SUMMARY_FILE, ("post_defenses",))))
+                except RunFileError as exc:
+                    raise NotARunDirectory(str(exc)) from None
         for mark, results in defended:  # the run's own defenses, then `flain defend`'s
             for name, res in results.get("post_defenses", {}).items():
                 if "acc" in res:

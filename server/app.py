@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from attacks import malicious_clients, trigger_scheme
 from experiment.config import ExperimentConfig
-from experiment.data import DATASETS, aux_size, load, split_test, to_float
+from experiment.data import DATASETS, aux_size, load, partition_sizes, split_test, to_float
 from experiment.hardware import pick_device, training_precision
 from experiment.seeds import int_seed
 from models import build_model
@@ -31,6 +31,7 @@ from server.checks import check_experiment, resolved_settings
 from server.evaluation import Evaluator
 from server.results import RunRecorder
 from strategies import AGGREGATIONS, POST_DEFENSES
+from strategies.aggregation.reply_guard import ReplyLimits
 from strategies.post_training import PostTrainingInput
 
 app = ServerApp()
@@ -50,6 +51,14 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> None:
                 "start one SuperNode per client (simulation: num-supernodes = num-clients)"
             )
         time.sleep(1)
+
+
+def reply_limits(cfg: ExperimentConfig) -> ReplyLimits:
+    """What a client's reply may claim: `num-examples` up to its partition's size as computed
+    here from the clients' own split, or up to `max-examples` for every client where set."""
+    if cfg.max_examples:
+        return ReplyLimits.uniform(cfg.num_clients, cfg.max_examples)
+    return ReplyLimits(tuple(partition_sizes(cfg)))
 
 
 @app.main()
@@ -109,7 +118,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     # BatchNorm buffers are statistics, not learned: update-based rules must not flip them.
     # Clients send the whole state_dict (parameters and buffers); see models/__init__.py.
     buffers = frozenset(name for name, _ in model.named_buffers())
-    strategy = AGGREGATIONS[cfg.aggregation](cfg, buffers)
+    strategy = AGGREGATIONS[cfg.aggregation](cfg, buffers, reply_limits(cfg))
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=cfg.num_rounds,
                             timeout=cfg.round_timeout, evaluate_fn=evaluate)
     if not result.arrays:

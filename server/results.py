@@ -1,15 +1,26 @@
-"""The run directory: config.json, rounds.csv, models (*.pt), summary.json, plot.png.
+"""The run directory, its one owner: .flain-run (the marker), config.json, rounds.csv,
+aux.npy, models (*.pt), summary.json, plot.png, defended/ (`flain defend`'s results).
+
+Every file is written atomically (a temporary name in the same directory, then a rename), so
+a crash or a full disk leaves the old file or the new one, never half of one. Files read back
+are checked and a bad one is named in one line (RunFileError).
 
 summary.json's `status`: running -> completed | defense-failed (training finished, a
-post-training defense raised: `failed_defenses` names it) | failed (`error` says why)."""
+post-training defense raised: `failed_defenses` names it) | failed (`error` says why) |
+interrupted (stopped by a signal; the launcher writes it when the run's processes could not).
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -18,7 +29,80 @@ import torch
 # its own (training, aggregation, central evaluation); eval_seconds: that evaluation alone.
 # Round 0 is the initial model's evaluation only.
 ROUNDS_HEADER = ["round", "acc", "asr", "seconds", "eval_seconds"]
-AUX_FILE = "aux.npy"
+MARKER = ".flain-run"  # what makes a directory one of ours: `--overwrite` deletes nothing else
+CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, AUX_FILE, PLOT_FILE = "config.json", "rounds.csv", "summary.json", "aux.npy", "plot.png"
+DEFENDED_DIR = "defended"
+ENDED = ("completed", "defense-failed", "failed", "interrupted")
+
+
+class RunFileError(ValueError):
+    """A file of a run directory cannot be used (message: one line naming it and why)."""
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    """`name` if it is one safe path component: not empty, no `/` or `\\`, not `.` or `..`,
+    no control characters, at most 200 characters (RunFileError otherwise)."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or len(name) > 200
+           or any(ord(c) < 32 or ord(c) == 127 for c in name) or name != name.strip())
+    if bad:
+        raise RunFileError(f"{what} {name!r} is not allowed: one directory name, without '/', '\\', "
+                           "control characters or surrounding spaces, not '.' or '..'")
+    return name
+
+
+def model_file(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}.pt"
+
+
+def is_run_dir(path: Path) -> bool:
+    """`path` holds a run (or `flain defend` results) written by this project."""
+    return (path / MARKER).is_file()
+
+
+# ---- atomic writes -------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """`write(file)` into a temporary file beside `path`, flushed to disk, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _legacy_defended(path: Path) -> bool:
+    """`flain defend` results from before the marker: a summary.json and models, nothing else."""
+    names = [p.name for p in path.iterdir()]
+    return SUMMARY_FILE in names and all(p.is_file() and (p.name == SUMMARY_FILE or p.suffix == ".pt")
+                                         for p in path.iterdir())
+
+
+def clear(run_dir: Path) -> None:
+    """Delete an earlier run (or `flain defend` result) in `run_dir`, all of it, for
+    --overwrite; a directory that is not ours (no marker) is refused, never touched."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    if not is_run_dir(run_dir) and not (run_dir.parent.name == DEFENDED_DIR and _legacy_defended(run_dir)):
+        raise RunFileError(f"{run_dir} holds files that are not a flain run (no {MARKER}): "
+                           "refusing to delete them; choose another directory")
+    import shutil
+
+    shutil.rmtree(run_dir)
+
+
+def mark(run_dir: Path, kind: str) -> None:
+    """Make `run_dir` and its marker (`kind`: run or defended)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_text(run_dir / MARKER, json.dumps({"kind": kind}) + "\n")
 
 
 class RunRecorder:
@@ -26,31 +110,36 @@ class RunRecorder:
 
     def __init__(self, run_dir: Path, config: dict[str, Any], extra: dict[str, Any]) -> None:
         self.dir = run_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
+        mark(self.dir, "run")
         self.started = time.perf_counter()
         self.rounds: list[dict[str, float]] = []
         self.summary: dict[str, Any] = {"status": "running", **extra, "post_defenses": {}}
-        (self.dir / "config.json").write_text(json.dumps({**config, **extra}, indent=2) + "\n")
-        with (self.dir / "rounds.csv").open("w", newline="") as f:
-            csv.writer(f).writerow(ROUNDS_HEADER)
+        atomic_text(self.dir / CONFIG_FILE, json.dumps({**config, **extra}, indent=2) + "\n")
+        self._write_rounds()
         self._write_summary()
 
     def round(self, rnd: int, acc: float, asr: float, seconds: float, eval_seconds: float) -> None:
         row = {"round": rnd, "acc": acc, "asr": asr, "seconds": seconds, "eval_seconds": eval_seconds}
         self.rounds.append(row)
-        with (self.dir / "rounds.csv").open("a", newline="") as f:
-            csv.writer(f).writerow([rnd, f"{acc:.6f}", f"{asr:.6f}", f"{seconds:.3f}", f"{eval_seconds:.3f}"])
+        self._write_rounds()
         self.summary["final"] = {"acc": acc, "asr": asr, "round": rnd}
         self._write_summary()
 
+    def _write_rounds(self) -> None:  # rewritten whole each round: small, and atomic
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(ROUNDS_HEADER)
+        for r in self.rounds:
+            writer.writerow([r["round"], f"{r['acc']:.6f}", f"{r['asr']:.6f}", f"{r['seconds']:.3f}",
+                             f"{r['eval_seconds']:.3f}"])
+        atomic_text(self.dir / ROUNDS_FILE, out.getvalue())
+
     def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
-        return save_state(self.dir / f"{name}.pt", state)
+        return save_state(model_file(self.dir, name), state)
 
     def save_aux(self, indices: np.ndarray) -> Path:
         """The aux set's indices in the test split (the rest is the evaluation set)."""
-        path = self.dir / AUX_FILE
-        np.save(path, np.asarray(indices, dtype=np.int64))
-        return path
+        return atomic_write(self.dir / AUX_FILE, lambda f: np.save(f, np.asarray(indices, dtype=np.int64)))
 
     def post_defense(self, name: str, result: dict[str, Any]) -> None:
         self.summary["post_defenses"][name] = result
@@ -65,7 +154,7 @@ class RunRecorder:
         self.summary["status"] = "defense-failed" if failed_defenses else "completed"
         self.summary["seconds_total"] = time.perf_counter() - self.started
         self._write_summary()
-        plot(self.rounds, self.summary["post_defenses"], self.dir / "plot.png")
+        plot(self.rounds, self.summary["post_defenses"], self.dir / PLOT_FILE)
         return self.summary
 
     def fail(self, error: str) -> None:
@@ -78,15 +167,80 @@ class RunRecorder:
 
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> Path:
     """A state_dict on the CPU (loadable anywhere) at `path`."""
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
-    return path
+    return atomic_write(path, lambda f: torch.save({k: v.detach().cpu() for k, v in state.items()}, f))
 
 
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:
     """folder/summary.json, replaced atomically: readers never see half a file."""
-    tmp = folder / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(folder / "summary.json")
+    atomic_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def end_status(run_dir: Path, status: str, error: str) -> None:
+    """A run whose processes were stopped before they could say how it ended: summary.json
+    still says `running`; say `status` (interrupted or failed) and why."""
+    path = run_dir / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(summary, dict) and summary.get("status") == "running":
+        write_summary(run_dir, summary | {"status": status, "error": error})
+
+
+# ---- reading back ---------------------------------------------------------------------------
+def read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object file with at least the `required` keys; RunFileError (one line) otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunFileError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise RunFileError(f"{path}: not one of ours (no {', '.join(missing)})")
+    return data
+
+
+def load_state(path: Path, like: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A saved state_dict with exactly `like`'s keys, shapes and dtypes (a model's own
+    state_dict); only tensors are unpickled (weights_only, whatever the environment says)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise RunFileError(f"{path}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, or a pickle that is not just tensors
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise RunFileError(f"{path}: not a readable model file ({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunFileError(f"{path}: not a state_dict of tensors")
+    if set(state) != set(like):
+        missing, extra = sorted(set(like) - set(state)), sorted(set(state) - set(like))
+        raise RunFileError(f"{path}: does not fit the run's model (missing {missing[:5]}, unexpected {extra[:5]})")
+    for key, value in state.items():
+        if value.shape != like[key].shape or value.dtype != like[key].dtype:
+            raise RunFileError(f"{path}: {key} is {value.dtype} {tuple(value.shape)}, the run's model has "
+                               f"{like[key].dtype} {tuple(like[key].shape)}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise RunFileError(f"{path}: {key} holds NaN or Inf")
+    return state
+
+
+def read_aux(path: Path, test_size: int) -> np.ndarray:
+    """The aux indices of a run: distinct integers in 0..test_size-1, leaving some to score on."""
+    try:
+        indices = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RunFileError(f"{path}: not a readable .npy file ({exc})") from None
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or len(indices) == 0:
+        raise RunFileError(f"{path}: expected a non-empty 1-D integer array, found {indices.dtype} {indices.shape}")
+    if indices.min() < 0 or indices.max() >= test_size or len(np.unique(indices)) != len(indices):
+        raise RunFileError(f"{path}: indices must be distinct and within 0..{test_size - 1}")
+    if len(indices) >= test_size:
+        raise RunFileError(f"{path}: the aux set takes every test image, none is left to score on")
+    return np.sort(indices)
 
 
 def plot(rounds: list[dict[str, float]], defenses: dict[str, dict[str, Any]], path: Path) -> None:

@@ -3,7 +3,18 @@ optionally answers); every other Grid method refuses."""
 
 from collections.abc import Iterable
 
+from flwr.app import MetricRecord
 from flwr.serverapp import Grid
+
+from strategies.aggregation.reply_guard import TRAIN_METRICS, ReplyLimits
+
+LIMITS = ReplyLimits.uniform(16, 1000)  # 16 partitions of at most 1000 examples
+
+
+def train_metrics(examples: float, partition: int, **overrides: float) -> MetricRecord:
+    """The metrics an honest ClientApp sends with a training reply (client/app.py)."""
+    values = {key: 0.0 for key in TRAIN_METRICS} | {"num-examples": examples, "partition-id": partition}
+    return MetricRecord(values | overrides)
 
 
 class LocalGrid(Grid):

@@ -13,7 +13,10 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
 from attacks.triggers import PixelTrigger
+from experiment.config import ExperimentConfig
 from server.evaluation import Evaluator
+from strategies import AGGREGATIONS
+from strategies.aggregation.reply_guard import ReplyLimits
 from strategies.post_training import PostTrainingInput
 from strategies.post_training.fedpruning import FedPruning, clip_extremes
 from strategies.post_training.flain import Flain, flip_updates
@@ -124,7 +127,8 @@ class RankingGrid(LocalGrid):
             images = self.data[msg.metadata.dst_node_id - 1]
             ranks = input_ranks(model, str(msg.content["config"]["layer"]), images)
             content = RecordDict({"ranks": ArrayRecord({"ranks": Array(ranks)}),
-                                  "metrics": MetricRecord({"num-examples": len(images)})})
+                                  "metrics": MetricRecord({"num-examples": len(images),
+                                                           "partition-id": msg.metadata.dst_node_id - 1})})
             replies.append(Message(content=content, reply_to=msg))
         return replies
 
@@ -136,7 +140,8 @@ def test_fedpruning_apply_prunes_by_the_clients_rankings():
     model, initial, g = _backdoored_model("cpu")
     aux_x, aux_y = _features(200, False, g)
     clients = [_features(100, False, g)[0] for _ in range(3)]
-    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=RankingGrid(clients))
+    strategy = AGGREGATIONS["fedavg"](ExperimentConfig.defaults(num_clients=3), frozenset(), ReplyLimits.uniform(3, 100))
+    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=RankingGrid(clients), strategy=strategy)
     state, info = FedPruning(rate=0.1, extreme=0.0, layer="fc1").apply(inp)  # 10% of 20 inputs: 2
     zero_columns = (state["fc1.weight"] == 0).all(0)
     assert info["clients"] == 3 and info["pruned"] == 2 == int(zero_columns.sum())

@@ -62,13 +62,46 @@ class _BreakPruning(importlib.abc.MetaPathFinder):
         return spec
 
 sys.meta_path.insert(0, _BreakPruning())
+
+
+class _LyingClient(importlib.abc.MetaPathFinder):
+    # Partition 0 (a benign client) lies about its example count: infinity in every training
+    # reply, a billion in the ranking query (federated pruning).
+
+    def find_spec(self, name, path, target=None):
+        if name != "client.app":
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            real = module.MetricRecord
+
+            def lying(values):
+                values = dict(values)
+                if values.get("partition-id") == 0:
+                    values["num-examples"] = float("inf") if "train-loss" in values else 10**9
+                return real(values)
+
+            module.MetricRecord = lying
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _LyingClient())
 """
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     """3 clients, 2 rounds, 5% of the data; FLAIN, Pruning (broken on purpose) and
-    federated pruning with one fine-tuning round."""
+    federated pruning with one fine-tuning round; partition 0 lies about its example count."""
     tmp = tmp_path_factory.mktemp("sim")
     (tmp / "hook").mkdir()
     (tmp / "hook" / "sitecustomize.py").write_text(BREAK_PRUNING)
@@ -117,7 +150,12 @@ def test_artifacts(small_run):
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["acc"] == pytest.approx(float(rows[-1]["acc"]), abs=1e-6)
-    assert summary["client_failures"] == []
+    # the liar (partition 0): refused in round 1 and in the ranking query, named, nothing poisoned
+    failures = summary["client_failures"]  # rounds 1, 2, the ranking query, fine-tuning round 3
+    assert [(f["round"], f["partition"], f["kind"]) for f in failures] == [(r, 0, "rejected") for r in (1, 2, 2, 3)]
+    assert all("num-examples=inf" in failures[i]["reason"] for i in (0, 1, 3))
+    assert "ranking query" in failures[2]["reason"] and "num-examples=1000000000" in failures[2]["reason"]
+    assert len({f["node"] for f in failures}) == 1
     # Neurotoxin through real Flower: round 1 from its clean gradient, round 2 from the
     # global change it kept in the node's context.state
     log = {e["round"]: e for e in summary["attack_log"]}
@@ -129,10 +167,11 @@ def test_artifacts(small_run):
     assert flain["exhausted"] or flain["aux_acc_before"] - flain["aux_acc_at_stop"] >= 0.02  # Algorithm 1's stop
 
     fedpruning = summary["post_defenses"]["fedpruning"]
-    assert fedpruning["clients"] == 3 and fedpruning["finetune_rounds"] == 1  # the extra Flower rounds ran
+    assert fedpruning["clients"] == 2 and fedpruning["finetune_rounds"] == 1  # the liar's ranking did not count
 
     initial, final, defended = (torch.load(run_dir / f"{n}.pt") for n in ("initial", "final", "flain"))
     assert set(initial) == set(final) == set(defended)
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
     assert not torch.equal(initial["fc1.weight"], final["fc1.weight"])
     for k in final:  # FLAIN changes tau's weight only
         assert torch.equal(final[k], defended[k]) == (k != "fc1.weight"), k

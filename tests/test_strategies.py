@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from experiment.config import ExperimentConfig
 from strategies import AGGREGATIONS
-from tests.grids import LocalGrid
+from tests.grids import LIMITS, LocalGrid, train_metrics
 
 N = 7  # enough clients for Bulyan with krum-f=1 (n >= 4f + 3)
 
@@ -32,7 +32,7 @@ def _state(w: np.ndarray, mean: float, count: int) -> ArrayRecord:
 def test_rule_aggregates_replies(name):
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name, krum_f=1, multikrum_m=3, invariant_beta=0.2)
     buffers = frozenset({"bn.running_mean", "bn.num_batches_tracked"})
-    strategy = AGGREGATIONS[name](cfg, buffers)
+    strategy = AGGREGATIONS[name](cfg, buffers, LIMITS)
     start = np.zeros((2, 3))
     sent = list(strategy.configure_train(1, _state(start, 0.0, 0), ConfigRecord(), LocalGrid(N)))
     assert len(sent) == N  # every client, every round
@@ -42,7 +42,7 @@ def test_rule_aggregates_replies(name):
         w = 1.0 + 0.1 * rng.standard_normal((2, 3))  # honest clients agree: about +1
         if i == 0:
             w = -50.0 * np.ones((2, 3))  # one outlier
-        content = RecordDict({"arrays": _state(w, float(i), 10 + i), "metrics": MetricRecord({"num-examples": 100})})
+        content = RecordDict({"arrays": _state(w, float(i), 10 + i), "metrics": train_metrics(100, msg.metadata.dst_node_id - 1)})
         replies.append(Message(content=content, reply_to=msg))
     arrays, metrics = strategy.aggregate_train(1, replies)
     w = arrays["fc.weight"].numpy()
@@ -69,14 +69,14 @@ def test_rule_aggregates_replies(name):
 @pytest.mark.parametrize("name", ["fedavg", "rlr", "median"])
 def test_malformed_replies_are_rejected_not_aggregated(name, bad, reason):
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name)
-    strategy = AGGREGATIONS[name](cfg, frozenset())
+    strategy = AGGREGATIONS[name](cfg, frozenset(), LIMITS)
     sent = list(strategy.configure_train(1, ArrayRecord({"fc.weight": Array(np.zeros((2, 3), np.float32))}),
                                          ConfigRecord(), LocalGrid(N)))
     replies = []
     for i, msg in enumerate(sent):
         arrays = {k: v.astype(np.float32) for k, v in bad.items()} if i == 0 else {"fc.weight": np.ones((2, 3), np.float32)}
         content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord({"num-examples": 10})})
+                              "metrics": train_metrics(10, msg.metadata.dst_node_id - 1)})
         replies.append(Message(content=content, reply_to=msg))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert np.allclose(arrays["fc.weight"].numpy(), 1.0)  # only the good replies count
@@ -90,9 +90,9 @@ def _replies(strategy, n_sent: int, n_replies: int, value: float = 1.0):
     sent = list(strategy.configure_train(1, ArrayRecord({"fc.weight": Array(np.zeros((2, 3), np.float32))}),
                                          ConfigRecord(), LocalGrid(n_sent)))
     replies = []
-    for msg in sent[:n_replies]:
+    for i, msg in enumerate(sent[:n_replies]):
         content = RecordDict({"arrays": ArrayRecord({"fc.weight": Array(np.full((2, 3), value, np.float32))}),
-                              "metrics": MetricRecord({"num-examples": 10})})
+                              "metrics": train_metrics(10, msg.metadata.dst_node_id - 1)})
         replies.append(Message(content=content, reply_to=msg))
     return replies
 
@@ -101,7 +101,7 @@ def test_rlr_theta_follows_the_replies_of_the_round():
     """10 clients, 5 replies that all agree: auto theta is a majority of the 5 (3), so the
     model moves WITH the mean update (theta 6 from num-clients would reverse it)."""
     cfg = ExperimentConfig.defaults(num_clients=10, aggregation="rlr")
-    strategy = AGGREGATIONS["rlr"](cfg, frozenset())
+    strategy = AGGREGATIONS["rlr"](cfg, frozenset(), LIMITS)
     arrays, _ = strategy.aggregate_train(1, _replies(strategy, 10, 5))
     assert np.allclose(arrays["fc.weight"].numpy(), 1.0)
     assert strategy.failures == []
@@ -109,7 +109,7 @@ def test_rlr_theta_follows_the_replies_of_the_round():
 
 def test_rlr_fixed_theta_above_the_replies_refuses_the_round():
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation="rlr", rlr_theta=6)
-    strategy = AGGREGATIONS["rlr"](cfg, frozenset())
+    strategy = AGGREGATIONS["rlr"](cfg, frozenset(), LIMITS)
     arrays, metrics = strategy.aggregate_train(1, _replies(strategy, N, 5))
     assert arrays is None and metrics is None  # Flower keeps the global model as it was
     (failure,) = strategy.failures
@@ -123,7 +123,7 @@ def test_rlr_fixed_theta_above_the_replies_refuses_the_round():
                                                           "sign-agreement threshold: 0.6", "trimmed-mean beta: 0.1"])])
 def test_own_rules_describe_themselves_in_flowers_startup_log(name, expected, caplog):
     caplog.set_level("INFO", logger="flwr")
-    AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=N, aggregation=name), frozenset({"bn.x"})).summary()
+    AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=N, aggregation=name), frozenset({"bn.x"}), LIMITS).summary()
     text = caplog.text
     for fragment in expected + ["BatchNorm buffers: 1", "Fraction: train (1.00)"]:
         assert fragment in text, (fragment, text)

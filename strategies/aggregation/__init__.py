@@ -14,15 +14,16 @@ from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Kr
 
 from experiment.config import ConfigError, ExperimentConfig, choice
 from strategies.aggregation.invariant import InvariantAggregator
-from strategies.aggregation.reply_guard import guarded
+from strategies.aggregation.reply_guard import ReplyLimits, guarded
 from strategies.aggregation.rlr import RobustLR
 
 
-def _common(cfg: ExperimentConfig) -> dict[str, Any]:
+def _common(cfg: ExperimentConfig, limits: ReplyLimits) -> dict[str, Any]:
     # Every connected client trains (fraction 1); a round goes on while at least
-    # `min-clients` nodes are connected (nodes can die in a real deployment).
+    # `min-clients` nodes are connected (nodes can die in a real deployment). `limits`: what
+    # a reply may claim about itself (reply_guard).
     return dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_replies,
-                min_available_nodes=cfg.min_replies)
+                min_available_nodes=cfg.min_replies, limits=limits)
 
 
 def krum_f(cfg: ExperimentConfig) -> int:
@@ -30,51 +31,51 @@ def krum_f(cfg: ExperimentConfig) -> int:
     return cfg.num_malicious if cfg.krum_f < 0 else cfg.krum_f
 
 
-def fedavg(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+def fedavg(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """FedAvg (McMahan et al. 2017), weighted by examples, server learning rate 1."""
-    return guarded(FedAvg)(**_common(cfg))
+    return guarded(FedAvg)(**_common(cfg, limits))
 
 
-def rlr(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+def rlr(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """Robust learning rate (Ozdayi et al., AAAI 2021); theta 0 = a majority of each round's replies."""
-    return guarded(RobustLR)(theta=cfg.rlr_theta or None, eta=cfg.rlr_eta, buffer_keys=buffers, **_common(cfg))
+    return guarded(RobustLR)(theta=cfg.rlr_theta or None, eta=cfg.rlr_eta, buffer_keys=buffers, **_common(cfg, limits))
 
 
-def krum(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+def krum(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """Krum (Blanchard et al. 2017), Flower's implementation."""
-    return guarded(Krum)(num_malicious_nodes=krum_f(cfg), **_common(cfg))
+    return guarded(Krum)(num_malicious_nodes=krum_f(cfg), **_common(cfg, limits))
 
 
-def multikrum(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+def multikrum(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """Multi-Krum: average the `multikrum-m` most central updates (0 = n - f)."""
     f = krum_f(cfg)
     m = cfg.multikrum_m or cfg.num_clients - f
-    return guarded(MultiKrum)(num_malicious_nodes=f, num_nodes_to_select=m, **_common(cfg))
+    return guarded(MultiKrum)(num_malicious_nodes=f, num_nodes_to_select=m, **_common(cfg, limits))
 
 
-def bulyan(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+def bulyan(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """Bulyan (El Mhamdi et al. 2018), Flower's implementation."""
-    return guarded(Bulyan)(num_malicious_nodes=krum_f(cfg), **_common(cfg))
+    return guarded(Bulyan)(num_malicious_nodes=krum_f(cfg), **_common(cfg, limits))
 
 
-def trimmed_mean(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+def trimmed_mean(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """Coordinate-wise trimmed mean (Yin et al. 2018), Flower's FedTrimmedAvg."""
-    return guarded(FedTrimmedAvg)(beta=cfg.trim_beta, **_common(cfg))
+    return guarded(FedTrimmedAvg)(beta=cfg.trim_beta, **_common(cfg, limits))
 
 
-def median(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+def median(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """Coordinate-wise median (Yin et al. 2018), Flower's FedMedian."""
-    return guarded(FedMedian)(**_common(cfg))
+    return guarded(FedMedian)(**_common(cfg, limits))
 
 
-def invariant(cfg: ExperimentConfig, buffers: frozenset[str]) -> Strategy:
+def invariant(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """Invariant aggregator (Wang et al.): sign-agreement mask + trimmed mean."""
     return guarded(InvariantAggregator)(
-        threshold=cfg.invariant_threshold, beta=cfg.invariant_beta, buffer_keys=buffers, **_common(cfg))
+        threshold=cfg.invariant_threshold, beta=cfg.invariant_beta, buffer_keys=buffers, **_common(cfg, limits))
 
 
-# builder(cfg, BatchNorm buffer keys) -> Flower strategy
-AGGREGATIONS: dict[str, Callable[[ExperimentConfig, frozenset[str]], Strategy]] = {
+# builder(cfg, BatchNorm buffer keys, reply limits) -> Flower strategy
+AGGREGATIONS: dict[str, Callable[[ExperimentConfig, frozenset[str], ReplyLimits], Strategy]] = {
     "fedavg": fedavg,
     "rlr": rlr,
     "krum": krum,

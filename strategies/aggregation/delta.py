@@ -68,8 +68,13 @@ class DeltaStrategy(FailureLog, FedAvg):
             clients = np.stack([r[key].numpy() for r in records])
             if key in self.buffer_keys:
                 out[key] = Array(np.asarray(aggregate_buffer(clients, weights)))
-            else:
-                out[key] = Array(np.asarray(base + self.step(clients - base, weights), dtype=base.dtype))
+                continue
+            # in float64: finite float32 replies near the type's limit must not overflow in the
+            # step; a result beyond float32 becomes Inf, which the reply guard refuses
+            wide = base.astype(np.float64)
+            with np.errstate(over="ignore"):
+                new = (wide + self.step(clients.astype(np.float64) - wide, weights)).astype(base.dtype)
+            out[key] = Array(np.asarray(new))
         return ArrayRecord(out), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def settings(self) -> dict[str, str]:

@@ -28,12 +28,29 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from experiment.config import ExperimentConfig
+from strategies.aggregation.reply_guard import ReplyLimits, arrays_problem, claimed_partition, metrics_problem
 from strategies.post_training.base import PostTrainingInput
 from strategies.post_training.pruning import prune_columns
 from strategies.post_training.tau import TauView
 from strategies.post_training.threshold import adaptive_threshold
 
 RANKING_MESSAGE = "query.activation_ranking"
+RANKING_METRICS = frozenset({"num-examples", "partition-id"})
+
+
+def ranking_problem(reply: Message, inputs: int, limits: ReplyLimits) -> str | None:
+    """Why a ranking reply must not count (None if it may): one int64 array `ranks` that is a
+    permutation of 0..inputs-1, and metrics `num-examples` (within its partition's size) and
+    `partition-id`, as a training reply's are checked."""
+    content = reply.content
+    if list(content.array_records) != ["ranks"] or list(content.metric_records) != ["metrics"]:
+        return f"expected ArrayRecord 'ranks' and MetricRecord 'metrics', got {sorted(content.array_records)} " \
+               f"and {sorted(content.metric_records)}"
+    problem = arrays_problem({"ranks": ((inputs,), np.dtype(np.int64))}, content.array_records["ranks"])
+    if problem is None and not np.array_equal(np.sort(content["ranks"]["ranks"].numpy()), np.arange(inputs)):
+        problem = f"ranks is not a ranking of the {inputs} inputs (a permutation of 0..{inputs - 1})"
+    return problem or metrics_problem(content.metric_records["metrics"],
+                                      ReplyLimits(limits.example_caps, RANKING_METRICS))
 
 
 def aggregate_ranks(ranks: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -77,8 +94,8 @@ class FedPruning:
             raise RuntimeError("fedpruning asks the clients for rankings: it needs the Flower grid")
         started = time.perf_counter()
         tau = TauView.of(inp.model, self.layer, inp.aux_images, inp.aux_labels)
-        ranks, weights = self._collect_rankings(inp, tau.name)
         z = tau.weight.shape[1]
+        ranks, weights = self._collect_rankings(inp, tau.name, z)
         mean_rank = aggregate_ranks(ranks, weights) / max(z - 1, 1)  # in [0, 1]
         acc0 = tau.evaluate(tau.weight)
         if self.rate > 0:
@@ -106,14 +123,27 @@ class FedPruning:
             "search_seconds": time.perf_counter() - started,
         }
 
-    def _collect_rankings(self, inp: PostTrainingInput, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    def _collect_rankings(self, inp: PostTrainingInput, layer: str, inputs: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every client's ranking of tau's inputs and its example count; a malformed reply is
+        refused and recorded in the strategy's failures, as a training reply is."""
         state = {k: v.detach().cpu().contiguous() for k, v in inp.model.state_dict().items()}
         content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"layer": layer})})
         messages = [Message(content=content, message_type=RANKING_MESSAGE, dst_node_id=node)
                     for node in inp.grid.get_node_ids()]
-        replies = [r for r in inp.grid.send_and_receive(messages, timeout=self.timeout) if not r.has_error()]
+        limits = getattr(inp.strategy, "limits", None)
+        if limits is None:
+            raise RuntimeError("fedpruning needs the training strategy's reply limits to check the rankings")
+        replies = []
+        for reply in inp.grid.send_and_receive(messages, timeout=self.timeout):
+            problem = reply.error.reason if reply.has_error() else ranking_problem(reply, inputs, limits)
+            if problem is None:
+                replies.append(reply)
+            elif hasattr(inp.strategy, "record"):
+                inp.strategy.record(inp.last_round, reply.metadata.src_node_id,
+                                    "error" if reply.has_error() else "rejected", f"ranking query: {problem}",
+                                    claimed=None if reply.has_error() else claimed_partition(reply, len(limits.example_caps)))
         if not replies:
-            raise RuntimeError("fedpruning: no client answered the ranking query")
+            raise RuntimeError("fedpruning: no client answered the ranking query with a valid ranking")
         ranks = np.stack([r.content["ranks"]["ranks"].numpy() for r in replies])
         weights = np.array([float(r.content["metrics"]["num-examples"]) for r in replies])
         return ranks, weights

@@ -1,0 +1,200 @@
+"""A client that lies in its reply: each lie is fed to every aggregation rule beside honest
+replies. Oracle: the rule's aggregate with the liar equals the same rule's aggregate over the
+honest replies alone (the lie changed nothing), and the lie is recorded with node, partition
+and reason. (A real run with a lying client is in test_simulation.py.)"""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from experiment.config import ExperimentConfig
+from strategies import AGGREGATIONS
+from strategies.aggregation.reply_guard import TRAIN_METRICS, ReplyLimits, metrics_problem
+from tests.grids import LIMITS, LocalGrid, train_metrics
+
+N = 8  # Bulyan with krum-f=1 needs 7 replies: the honest ones without the liar
+SHAPE = (2, 3)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _weights(partition: int) -> np.ndarray:
+    return (1.0 + 0.1 * np.arange(6).reshape(SHAPE) * (partition + 1) / N).astype(np.float32)
+
+
+def _honest(partition: int) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord({"w": Array(_weights(partition))}),
+                       "metrics": train_metrics(10 + partition, partition)})
+
+
+def _lie(case: str) -> RecordDict:
+    """Partition 0's reply, made hostile in one way."""
+    honest = _honest(0)
+    arrays, metrics = honest["arrays"], honest["metrics"]
+    one = Array(np.ones(1, np.float32))
+    replace_metrics = {
+        "examples-inf": {"num-examples": float("inf")},
+        "examples-huge": {"num-examples": 1e300},
+        "examples-negative": {"num-examples": -50.0},
+        "examples-zero": {"num-examples": 0},
+        "examples-nan": {"num-examples": float("nan")},
+        "examples-over-partition": {"num-examples": LIMITS.example_caps[0] + 1},
+        "partition-out-of-range": {"partition-id": 99},
+        "partition-fractional": {"partition-id": 0.5},
+        "loss-inf": {"train-loss": float("inf")},
+    }
+    if case in replace_metrics:
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord(dict(metrics) | replace_metrics[case])})
+    if case == "extra-metric":
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord(dict(metrics) | {"extra": 1.0})})
+    if case == "missing-examples":
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord(
+            {k: v for k, v in metrics.items() if k != "num-examples"})})
+    if case == "two-array-records":
+        return RecordDict({"arrays": arrays, "more": ArrayRecord({"w": Array(_weights(0))}), "metrics": metrics})
+    if case == "no-metric-record":
+        return RecordDict({"arrays": arrays})
+    if case == "two-metric-records":
+        return RecordDict({"arrays": arrays, "metrics": metrics, "more": MetricRecord({"num-examples": 5})})
+    if case == "config-record":
+        return RecordDict({"arrays": arrays, "metrics": metrics, "cfg": ConfigRecord({"x": 1})})
+    if case == "renamed-array-record":
+        return RecordDict({"weights": arrays, "metrics": metrics})
+    lies = {  # the arrays
+        "declared-shape": Array(dtype="float32", shape=SHAPE, stype=one.stype, data=one.data),
+        "float64": Array(_weights(0).astype(np.float64)),
+        "int64": Array(np.ones(SHAPE, np.int64)),
+        "bool": Array(np.ones(SHAPE, bool)),
+        "complex-nan": Array(np.full(SHAPE, np.nan + 0j, np.complex64)),
+        "nan": Array(np.full(SHAPE, np.nan, np.float32)),
+        "inf": Array(np.full(SHAPE, -np.inf, np.float32)),
+        "transposed": Array(_weights(0).T.copy()),
+    }
+    return RecordDict({"arrays": ArrayRecord({"w": lies[case]}), "metrics": metrics})
+
+
+CASES = ["examples-inf", "examples-huge", "examples-negative", "examples-zero", "examples-nan",
+         "examples-over-partition", "partition-out-of-range", "partition-fractional", "loss-inf", "extra-metric",
+         "missing-examples", "two-array-records", "no-metric-record", "two-metric-records", "config-record",
+         "renamed-array-record", "declared-shape", "float64", "int64", "bool", "complex-nan", "nan", "inf",
+         "transposed"]
+
+
+def _strategy(name: str):
+    cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name, krum_f=1, multikrum_m=3, invariant_beta=0.2)
+    return AGGREGATIONS[name](cfg, frozenset(), LIMITS)
+
+
+def _round(strategy, contents: dict[int, RecordDict]):
+    """configure_train for N nodes, then the replies of the partitions in `contents`
+    (node i + 1 serves partition i)."""
+    sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32))}),
+                                         ConfigRecord(), LocalGrid(N)))
+    by_node = {msg.metadata.dst_node_id: msg for msg in sent}
+    return strategy.aggregate_train(1, [Message(content=c, reply_to=by_node[p + 1]) for p, c in contents.items()])
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name", sorted(AGGREGATIONS))
+def test_a_lie_changes_nothing_and_is_recorded(name, case):
+    # the oracle: the rule without the liar (fresh replies each time: Bulyan consumes its replies' arrays)
+    expected, _ = _round(_strategy(name), {p: _honest(p) for p in range(1, N)})
+    strategy = _strategy(name)
+    arrays, _ = _round(strategy, {0: _lie(case), **{p: _honest(p) for p in range(1, N)}})
+    assert arrays is not None
+    got, want = arrays["w"].numpy(), expected["w"].numpy()
+    assert got.dtype == np.float32 and np.array_equal(got, want), (got, want)
+    (failure,) = strategy.failures
+    assert failure["kind"] == "rejected" and failure["node"] == 1 and failure["round"] == 1
+    # never admitted: the partition its reply named, where it named one of this run's
+    unnamed = {"no-metric-record", "partition-out-of-range", "partition-fractional"}
+    assert failure["partition"] == (None if case in unnamed else 0)
+    assert failure["reason"]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "rlr", "invariant", "median"])
+def test_an_honest_reply_at_the_cap_counts_fully(name):
+    """The cap is not a filter on honest clients: 1000 examples (the cap) are admitted."""
+    strategy = _strategy(name)
+    contents = {p: _honest(p) for p in range(N)}
+    contents[0] = RecordDict({"arrays": contents[0]["arrays"], "metrics": train_metrics(1000, 0)})
+    arrays, _ = _round(strategy, contents)
+    assert strategy.failures == [] and np.isfinite(arrays["w"].numpy()).all()
+
+
+def test_fedavg_weights_by_examples_exactly():
+    """Two replies, 10 and 30 examples, all weights 1 and 5: the mean is exactly 4."""
+    strategy = AGGREGATIONS["fedavg"](ExperimentConfig.defaults(num_clients=2), frozenset(), LIMITS)
+    sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32))}),
+                                         ConfigRecord(), LocalGrid(2)))
+    replies = [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(np.full(SHAPE, v, np.float32))}),
+                                           "metrics": train_metrics(n, msg.metadata.dst_node_id - 1)}),
+                       reply_to=msg) for msg, (v, n) in zip(sent, [(1.0, 10), (5.0, 30)])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.array_equal(arrays["w"].numpy(), np.full(SHAPE, 4.0, np.float32))
+
+
+def test_a_node_that_changes_its_partition_is_refused_and_named():
+    strategy = _strategy("fedavg")
+    _round(strategy, {p: _honest(p) for p in range(N)})  # round 1: node 1 serves partition 0
+    sent = list(strategy.configure_train(2, ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32))}),
+                                         ConfigRecord(), LocalGrid(N)))
+    node1 = next(m for m in sent if m.metadata.dst_node_id == 1)
+    claim = RecordDict({"arrays": ArrayRecord({"w": Array(_weights(0))}),
+                        "metrics": train_metrics(1000, 5)})  # the largest cap: partition 5's
+    strategy.aggregate_train(2, [Message(content=claim, reply_to=node1)])
+    (failure,) = strategy.failures
+    assert failure["partition"] == 0 and "served partition 0 before" in failure["reason"]
+
+
+@pytest.mark.parametrize("name", ["rlr", "invariant", "fedavg"])
+def test_an_aggregate_beyond_float32_keeps_the_global_model(name):
+    """Finite float32 replies near the type's limit whose aggregate is not finite in float32
+    (RLR with eta 10 moves 10 x the mean update): the round is refused, recorded, and the
+    model stays; a rule whose aggregate fits is unaffected."""
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation=name, rlr_eta=10.0)
+    strategy = AGGREGATIONS[name](cfg, frozenset(), LIMITS)
+    base = np.full(SHAPE, 3.0e38, np.float32)
+    sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(base)}), ConfigRecord(), LocalGrid(3)))
+    replies = [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(np.full(SHAPE, 3.3e38, np.float32))}),
+                                           "metrics": train_metrics(10, m.metadata.dst_node_id - 1)}), reply_to=m)
+               for m in sent]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    if name == "rlr":
+        assert arrays is None and metrics is None
+        (failure,) = strategy.failures
+        assert failure["kind"] == "refused" and failure["node"] == 0
+        assert "the aggregate's w" in failure["reason"] and "global model stays" in failure["reason"]
+    else:  # the mean of 3.3e38s is 3.3e38 (invariant: computed in float64, no overflow on the way)
+        assert strategy.failures == []
+        assert np.allclose(arrays["w"].numpy(), 3.3e38, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    ({"num-examples": 3, "partition-id": 1}, None),
+    ({"num-examples": 4, "partition-id": 1}, "must be 1..3"),
+    ({"num-examples": 8, "partition-id": 0}, None),
+    ({"num-examples": 1, "partition-id": 2}, "not a partition (0..1)"),
+    ({"num-examples": [1, 2], "partition-id": 0}, "not a finite number"),
+])
+def test_caps_are_per_partition(metrics, reason):
+    limits = ReplyLimits((8, 3), frozenset({"num-examples", "partition-id"}))
+    problem = metrics_problem(MetricRecord(metrics), limits)
+    assert problem is None if reason is None else reason in problem
+
+
+def test_the_client_sends_exactly_the_metrics_the_server_expects():
+    import ast
+    from pathlib import Path
+
+    from attacks.base import UPDATE_METRICS
+
+    tree = ast.parse(Path("client/app.py").read_text())
+    train = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train")
+    record = next(n for n in ast.walk(train) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "MetricRecord")
+    keys = {k.value for k in record.args[0].keys if k is not None}
+    assert keys | set(UPDATE_METRICS) == TRAIN_METRICS  # **attack.metrics(ctx) adds UPDATE_METRICS

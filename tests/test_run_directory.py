@@ -1,0 +1,229 @@
+"""The run directory as untrusted ground: names that stay inside it, --overwrite that deletes
+only what is ours, writes that are whole or absent, and files read back that are checked and
+named in one line when bad."""
+
+import errno
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from experiment.config import ConfigError, ExperimentConfig
+from launch.tables import NotARunDirectory, read_run
+from server.results import (MARKER, RunFileError, atomic_text, atomic_write, check_name, clear, end_status,
+                            load_state, mark, read_aux, read_json, save_state, write_summary)
+
+
+# ---- names -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "../../etc/x", "a\\b", "x\ny", "tab\there", " lead",
+                                  "trail ", "x" * 201, "bell\x07"])
+def test_a_name_is_one_safe_path_component(name):
+    with pytest.raises(RunFileError, match="not allowed"):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["fmnist-s42", "my run", "a.b", "..x", "flain+flain-cv,flain-rho=0.01", "é"])
+def test_ordinary_names_pass(name):
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["run", "--name", "..", "--overwrite"], "--name '..' is not allowed"),
+    (["run", "--name", "../../etc/x"], "--name '../../etc/x' is not allowed"),
+    (["deploy", "--name", "a/b"], "--name 'a/b' is not allowed"),
+])
+def test_the_cli_refuses_a_name_that_leaves_runs(flain_cli, argv, fragment):
+    out = flain_cli(*argv, "--dry-run")
+    assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr
+
+
+# ---- --overwrite --------------------------------------------------------------------------------
+def test_overwrite_never_touches_a_directory_that_is_not_a_run(tmp_path, flain_cli):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "my_weights.pt").write_bytes(b"precious")
+    (precious / "config.json").write_text('{"mine": true}')
+    out = flain_cli("run", "--overwrite", "--set", f"run-dir='{precious}'", "--dry-run")
+    assert out.returncode == 2 and "not a flain run" in out.stderr
+    assert (precious / "my_weights.pt").read_bytes() == b"precious"
+    assert json.loads((precious / "config.json").read_text()) == {"mine": True}
+    with pytest.raises(RunFileError, match="not a flain run"):
+        clear(precious)
+    assert sorted(p.name for p in precious.iterdir()) == ["config.json", "my_weights.pt"]
+
+
+def test_overwrite_deletes_a_run_of_ours_whole(tmp_path):
+    run = tmp_path / "run"
+    mark(run, "run")
+    (run / "defended" / "old").mkdir(parents=True)
+    (run / "defended" / "old" / "summary.json").write_text("{}")
+    (run / "final.pt").write_bytes(b"x")
+    clear(run)
+    assert not run.exists()  # stale defended/ results included
+
+
+def test_a_run_of_ours_needs_overwrite(tmp_path, flain_cli):
+    run = tmp_path / "run"
+    mark(run, "run")
+    write_summary(run, {"status": "completed"})
+    out = flain_cli("run", "--set", f"run-dir='{run}'", "--dry-run")
+    assert out.returncode == 2 and "already holds a run (status 'completed')" in out.stderr
+    assert flain_cli("run", "--overwrite", "--set", f"run-dir='{run}'", "--dry-run").returncode == 0
+
+
+# ---- atomic writes -----------------------------------------------------------------------------
+def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
+    target = tmp_path / "summary.json"
+    atomic_text(target, "old\n")
+
+    def disk_full(f):
+        f.write(b"half of the new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, disk_full)
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_model_write_that_fails_leaves_the_old_model(tmp_path, monkeypatch):
+    path = tmp_path / "final.pt"
+    save_state(path, {"w": torch.ones(2)})
+
+    def failing_save(obj, f):
+        f.write(b"\x80")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        save_state(path, {"w": torch.zeros(2)})
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+
+
+def test_a_run_left_running_is_marked_interrupted(tmp_path):
+    write_summary(tmp_path, {"status": "running", "final": {"acc": 0.5, "asr": 0.1}})
+    end_status(tmp_path, "interrupted", "stopped by a signal")
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["status"] == "interrupted" and summary["error"] == "stopped by a signal"
+    assert summary["final"] == {"acc": 0.5, "asr": 0.1}
+    write_summary(tmp_path, {"status": "completed"})
+    end_status(tmp_path, "failed", "late")  # an ended run keeps its own status
+    assert read_json(tmp_path / "summary.json")["status"] == "completed"
+
+
+# ---- files read back ------------------------------------------------------------------------------
+def _like() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 2)).state_dict()
+
+
+def test_a_good_state_loads(tmp_path):
+    save_state(tmp_path / "m.pt", _like())
+    state = load_state(tmp_path / "m.pt", _like())
+    assert all(torch.equal(state[k], v) for k, v in _like().items())
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "not a readable model file"),  # truncated
+    (lambda p: p.write_bytes(b""), "not a readable model file"),
+    (lambda p: torch.save({"0.weight": torch.zeros(5, 5), "0.bias": torch.zeros(2)}, p), "0.weight is torch.float32 (5, 5)"),
+    (lambda p: torch.save({"0.weight": torch.zeros(2, 3)}, p), "missing ['0.bias']"),
+    (lambda p: torch.save({"0.weight": torch.zeros(2, 3, dtype=torch.float64), "0.bias": torch.zeros(2)}, p),
+     "torch.float64"),
+    (lambda p: torch.save({"0.weight": torch.full((2, 3), math.nan), "0.bias": torch.zeros(2)}, p), "NaN or Inf"),
+    (lambda p: torch.save({"0.weight": nn.Linear(3, 2)}, p), "not a readable model file"),  # a module, not tensors
+    (lambda p: torch.save([1, 2], p), "not a state_dict of tensors"),
+])
+def test_a_bad_model_file_is_named_in_one_line(tmp_path, make, fragment):
+    path = tmp_path / "final.pt"
+    save_state(path, _like())
+    make(path)
+    with pytest.raises(RunFileError) as caught:
+        load_state(path, _like())
+    message = str(caught.value)
+    assert message.startswith(str(path)) and fragment in message and "\n" not in message
+
+
+def test_weights_only_is_explicit_whatever_the_environment_says(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD makes torch.load's default unpickle anything: our
+    loader still refuses a pickle that is not only tensors."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path = tmp_path / "final.pt"
+    torch.save({"0.weight": torch.zeros(2, 3), "0.bias": torch.zeros(2), "x": Path("/")}, path)
+    with pytest.raises(RunFileError, match="not a readable model file"):
+        load_state(path, _like())
+
+
+@pytest.mark.parametrize("array, fragment", [
+    (np.array([1.5, 2.0]), "1-D integer array"),
+    (np.array([[1, 2]]), "1-D integer array"),
+    (np.array([], dtype=np.int64), "non-empty"),
+    (np.array([1, 1]), "distinct"),
+    (np.array([-1, 2]), "within 0..9"),
+    (np.array([3, 10]), "within 0..9"),
+    (np.arange(10), "none is left"),
+])
+def test_a_bad_aux_file_is_named(tmp_path, array, fragment):
+    np.save(tmp_path / "aux.npy", array)
+    with pytest.raises(RunFileError, match=fragment):
+        read_aux(tmp_path / "aux.npy", 10)
+
+
+def test_a_pickled_aux_file_is_refused(tmp_path):
+    np.save(tmp_path / "aux.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(RunFileError, match="aux.npy: not a readable .npy file"):
+        read_aux(tmp_path / "aux.npy", 10)
+
+
+@pytest.mark.parametrize("summary, fragment", [
+    ("[1, 2]", "expected a JSON object"),
+    ("{not json", "not readable JSON"),
+    ('{"status": "completed", "final": {"acc": "high", "asr": 0}}', "holds no finished training"),
+    ('{"status": "completed", "final": {"acc": 0.9, "asr": 0.1}, "post_defenses": {"flain": 3}}',
+     "are not results of ours"),
+    ('{"final": {"acc": 0.9, "asr": 0.1}}', "no status"),
+])
+def test_flain_table_on_a_summary_that_is_not_ours_is_one_line(tmp_path, flain_cli, summary, fragment):
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "fmnist", "aggregation": "fedavg"}))
+    (tmp_path / "summary.json").write_text(summary)
+    with pytest.raises(NotARunDirectory, match=fragment):
+        read_run(tmp_path)
+    out = flain_cli("table", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# ---- settings ----------------------------------------------------------------------------------------
+FLOAT_KEYS = [f.name for f in fields(ExperimentConfig) if f.type in ("float", float)]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_number_refuses_nan_and_infinity(key, value):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        ExperimentConfig.defaults(**{key: value})
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"seed": 2**32}, "seed=4294967296 is not allowed"),
+    ({"seed": 2**70}, "out of range"),
+    ({"flain_step": 1e-9}, "flain-step=1e-09 is not allowed"),
+    ({"flain_step": 2.0}, "flain-step=2.0 is not allowed"),
+    ({"max_examples": -1}, "max-examples=-1 is not allowed"),
+])
+def test_settings_that_used_to_pass_and_break_the_run(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        ExperimentConfig.defaults(**overrides)
+
+
+def test_a_complete_data_directory_need_not_be_writable(flain_cli):
+    """Checked with a directory nobody can create files in (/proc/sys, even as root): the run
+    is not refused for it at the start; only fetching a missing data set would need to write."""
+    out = flain_cli("run", "--dry-run", "--set", "data-dir='/proc/sys'")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["data-dir"] == "/proc/sys"
