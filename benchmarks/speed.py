@@ -54,10 +54,10 @@ def _train_clients(args: tuple[dict, list[int], int, str]) -> float:
     for pid in clients:  # data loading happens once per process, before the clock (a Ray actor caches it too)
         client_data(cfg, pid)
     torch.manual_seed(0)
-    initial = build_model(cfg.dataset).state_dict()
+    initial = build_model(cfg.dataset, cfg.network).state_dict()
     started = time.perf_counter()
     for pid in clients:
-        model = build_model(cfg.dataset)
+        model = build_model(cfg.dataset, cfg.network)
         model.load_state_dict(initial)
         data = client_data(cfg, pid)
         train_local(model, data.images, data.labels, cfg.local_epochs, cfg.batch_size, cfg.lr,

@@ -34,7 +34,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seeds.int_seed(cfg.seed, "dropout", server_round, partition_id))
     batches = torch.Generator().manual_seed(seeds.int_seed(cfg.seed, "batches", server_round, partition_id))
 
-    model = build_model(cfg.dataset)
+    model = build_model(cfg.dataset, cfg.network)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     device = pick_device()
     model.to(device)
@@ -77,7 +77,7 @@ def activation_ranking(msg: Message, context: Context) -> Message:
     cfg = ExperimentConfig.from_run_config(context.run_config)
     partition_id = int(context.node_config["partition-id"])
     data = client_data(cfg, partition_id)
-    model = build_model(cfg.dataset)
+    model = build_model(cfg.dataset, cfg.network)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(pick_device())
     ranks = input_ranks(model, str(msg.content["config"]["layer"]), data.images)

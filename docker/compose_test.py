@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -473,7 +474,17 @@ def broken_image_fails_fast(compose: str, images: dict[str, str], work: Path, da
     raise Failed(f"a run with an app image at flwr {previous_release(VERSION)} completed: the mismatch went unnoticed")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (timeout, CI) ends the test as Ctrl-C does: `docker compose down` and stopping
+    the engine it started run in the `finally` blocks; later signals wait for that."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(SOURCE_ROOT / "data"))
     parser.add_argument("--app-image", help="use this app image instead of building one (e.g. to check that a "
@@ -498,6 +509,10 @@ def main() -> int:
     except (Failed, VersionMismatch, subprocess.TimeoutExpired, RuntimeError) as exc:
         print(f"[compose-test] FAILED: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("[compose-test] interrupted; the test's containers and the engine it started were stopped",
+              file=sys.stderr)
+        return 130
     finally:
         if engine is not None:
             say("stopping the dockerd this test started")

@@ -72,7 +72,7 @@ def study(run_dir: Path) -> dict:
     aux_idx, _ = aux_indices(run_dir, run_config, cfg, len(labels))
     keep = np.ones(len(labels), dtype=bool)
     keep[aux_idx] = False
-    model = build_model(cfg.dataset)
+    model = build_model(cfg.dataset, cfg.network)
     model.load_state_dict(torch.load(run_dir / "final.pt"))
     model.eval()
     initial = torch.load(run_dir / "initial.pt")

@@ -38,11 +38,13 @@ class ExperimentConfig:
     """All settings of one run. Field `x_y` is run-config key `x-y`."""
 
     dataset: str = "fmnist"
+    network: str = "paper"  # paper: the authors' networks; two-dropout: dropout only around fc1
     num_clients: int = 10
     min_clients: int = 0  # 0: half of num-clients, rounded up
     round_timeout: float = 600.0
     max_examples: int = 0  # 0: a client's partition size, as the server computes it
     num_rounds: int = 10
+    checkpoint_every: int = 0  # K: save the global model every K rounds (0: only the final one)
     local_epochs: int = 1
     batch_size: int = 256
     lr: float = 0.001
@@ -73,9 +75,11 @@ class ExperimentConfig:
     invariant_beta: float = 0.1
     post_defenses: str = "flain,flain-cv"
     flain_step: float = 0.001
+    flain_start: float = -1.0  # the first threshold; -1: min(activation) + flain-step (the paper)
     flain_rho: float = 0.02
     flain_layer: str = "auto"
     aux_size: int = 0  # 0: the paper's size for the data set
+    aux_draw: str = "random"  # random: a seeded draw; per-class: the first aux-size/classes of each class
     flain_cv_tol: float = 0.02
     flain_cv_folds: int = 5
     flain_cv_scores: str = "crossfit"
@@ -157,6 +161,7 @@ class ExperimentConfig:
         """Raise ConfigError naming the first bad key, its value and what is allowed."""
         at_least("num-clients", self.num_clients, 1)
         at_least("num-rounds", self.num_rounds, 1)
+        at_least("checkpoint-every", self.checkpoint_every, 0)
         if not 0 <= self.min_clients <= self.num_clients:
             raise ConfigError(
                 f"min-clients={self.min_clients} is not allowed: 0 (auto: half) or 1..{self.num_clients}"
@@ -180,6 +185,8 @@ class ExperimentConfig:
         low, high = FLAIN_STEP_RANGE
         if not low <= self.flain_step <= high:
             raise ConfigError(f"flain-step={self.flain_step} is not allowed: must satisfy {low:g} <= value <= {high:g}")
+        if self.flain_start != -1.0 and not self.flain_start >= 0:
+            raise ConfigError(f"flain-start={self.flain_start} is not allowed: -1 (the paper: min + flain-step) or >= 0")
         unit_interval("flain-rho", self.flain_rho, low_open=True)
         unit_interval("flain-cv-tol", self.flain_cv_tol, low_open=True)
         at_least("flain-cv-folds", self.flain_cv_folds, 2)

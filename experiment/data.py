@@ -264,6 +264,16 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 # ---- loading --------------------------------------------------------------------------
+def present(name: str, data_dir: str | Path) -> bool:
+    """Data set `name` is complete and readable in `data_dir` (its test split loads): then
+    the directory is used as it is, read-only or not."""
+    try:
+        DATASETS[name].load(Path(data_dir), False)
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: all mean "not here"
+        return False
+    return True
+
+
 def fetch(name: str, data_dir: str | Path) -> None:
     """Make sure data set `name` is in `data_dir` (fetching it if it can); DataUnavailable,
     one line, when it cannot (also when the directory cannot be made or written)."""
@@ -292,18 +302,33 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 # ---- partitions and splits ----------------------------------------------------------
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "iid-stratified", "dirichlet")
+
+
+def stratified_indices(labels: np.ndarray, num_partitions: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Every class's images shuffled and dealt out in equal contiguous shares: each partition
+    holds the same number of each class (to within one), as the authors' IID split does
+    (600 of each class per client for 10 Fashion-MNIST clients)."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for i, share in enumerate(np.array_split(members, num_partitions)):
+            parts[i].append(share)
+    return [rng.permutation(np.concatenate(p)) for p in parts]
 
 
 def partition_indices(
     labels: np.ndarray, num_partitions: int, partition: str, alpha: float, seed: int
 ) -> list[np.ndarray]:
-    """Indices of every partition, from flwr-datasets' IID or Dirichlet partitioner."""
+    """Indices of every partition: flwr-datasets' IID or Dirichlet partitioner, or (iid-stratified)
+    equal per-class shares."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     labels = np.asarray(labels)
     order = np.arange(len(labels))
+    if partition == "iid-stratified":  # flwr-datasets has no class-stratified IID partitioner
+        return stratified_indices(labels, num_partitions, seeds.rng(seed, "partition"))
     if partition == "iid":
         # IidPartitioner takes contiguous shards; shuffle first as FederatedDataset does.
         order = seeds.rng(seed, "partition").permutation(len(labels))
@@ -362,11 +387,38 @@ def aux_size(cfg: ExperimentConfig) -> int:
     return cfg.aux_size or DATASETS[cfg.dataset].aux_size
 
 
+AUX_DRAWS = ("random", "per-class")
+
+
+def per_class_aux(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+    """The first size / num_classes test images of each class, in the split's order (the
+    authors' aux set: class-balanced, no randomness)."""
+    labels = np.asarray(labels)
+    each = size // num_classes
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:each] for c in range(num_classes)]))
+
+
+def aux_split(cfg: ExperimentConfig, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (aux, eval) indices of the test split as `aux-draw` says: `random` (a seeded
+    draw of aux-size images) or `per-class` (the first aux-size / classes of each class)."""
+    size = aux_size(cfg)
+    if cfg.aux_draw == "random":
+        return split_test(len(labels), size, cfg.seed)
+    aux = per_class_aux(labels, size, DATASETS[cfg.dataset].num_classes)
+    rest = np.ones(len(labels), dtype=bool)
+    rest[aux] = False
+    return aux, np.flatnonzero(rest)
+
+
 def check(cfg: ExperimentConfig) -> None:
     """The data set, the split and the labels can work (raises ConfigError)."""
     choice("dataset", cfg.dataset, DATASETS)
     choice("partition", cfg.partition, PARTITIONS)
+    choice("aux-draw", cfg.aux_draw, AUX_DRAWS)
     spec = DATASETS[cfg.dataset]
+    if cfg.aux_draw == "per-class" and aux_size(cfg) % spec.num_classes:
+        raise ConfigError(f"aux-draw='per-class' needs aux-size to be a multiple of the {spec.num_classes} classes "
+                          f"of {cfg.dataset}, got {aux_size(cfg)}")
     for key, label in (("source-label", cfg.source_label), ("target-label", cfg.target_label)):
         if not 0 <= label < spec.num_classes:
             raise ConfigError(f"{key}={label} is not a class of {cfg.dataset}: allowed 0..{spec.num_classes - 1}")

@@ -130,10 +130,11 @@ def check_precision(precision: str) -> None:
 
 
 def training_precision(cfg: ExperimentConfig, device: torch.device,
-                       build_model: Callable[[str], nn.Module]) -> tuple[str, str]:
+                       build_model: Callable[..., nn.Module]) -> tuple[str, str]:
     """`resolve_precision` for the run's data set and model, cached in its data directory."""
     spec = DATASETS[cfg.dataset]
-    return resolve_precision(cfg.precision, device, f"{cfg.dataset} model", lambda: build_model(cfg.dataset),
+    return resolve_precision(cfg.precision, device, f"{cfg.dataset} {cfg.network} model",
+                             lambda: build_model(cfg.dataset, cfg.network),
                              spec.shape, spec.num_classes, cfg.data_dir)
 
 
@@ -174,14 +175,14 @@ def training_step_peak(model: nn.Module, sample_shape: tuple[int, ...], num_clas
     return int(peak)
 
 
-def gpu_share(cfg: ExperimentConfig, build_model: Callable[[str], nn.Module], cpus: int) -> tuple[float, str]:
+def gpu_share(cfg: ExperimentConfig, build_model: Callable[..., nn.Module], cpus: int) -> tuple[float, str]:
     """Flower's `client-resources-num-gpus` for `flain run --gpu`: 1 / (clients at once), and
     how it was decided (the GPU's free memory, a measured training step, the CPU cores)."""
     free, total = torch.cuda.mem_get_info()
     spec = DATASETS[cfg.dataset]
     precision = "bf16" if cfg.precision == "auto" and torch.cuda.is_bf16_supported() else (
         "fp32" if cfg.precision == "auto" else cfg.precision)
-    peak = training_step_peak(build_model(cfg.dataset), spec.shape, spec.num_classes, cfg.batch_size, precision)
+    peak = training_step_peak(build_model(cfg.dataset, cfg.network), spec.shape, spec.num_classes, cfg.batch_size, precision)
     count = clients_per_gpu(free, peak, cpus, cfg.num_clients)
     return 1.0 / count, (f"{count} clients at once: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, "
                          f"a training step peaks at {peak / 2**20:.0f} MiB + {CUDA_CONTEXT_BYTES / 2**20:.0f} MiB "

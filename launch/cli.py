@@ -2,7 +2,7 @@
 
   flain run [--set key=value ...] [--name NAME] [--overwrite] [--gpu] [--verbose] [--dry-run]
   flain deploy --nodes N [--tls] [--set key=value ...]
-  flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL]
+  flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL] [--round R]
   flain reproduce NAME[,NAME] [--datasets a,b] [--tasks 0-5,0-6] [--seeds N] [--out DIR] [--jobs K] [--dry-run] | --list
   flain data fetch NAME [--data-dir DIR]
   flain triggers [--dataset NAME] [--out FILE.png]
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from experiment.config import ConfigError, ExperimentConfig, default_run_config, parse_overrides
-from experiment.data import DATASETS, DataUnavailable, fetch
+from experiment.data import DATASETS, DataUnavailable, fetch, present
 from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table, read_run
 from server.checks import check_experiment
 from server.results import (SUMMARY_FILE, RunFileError, atomic_text, check_name, clear, end_status, is_run_dir,
@@ -70,6 +70,8 @@ def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
     """The run directory can be written and holds nothing of anyone else's: an earlier run of
     ours only with `overwrite` (it is then deleted whole), other files never. The data
     directory need not be writable when the data set is complete there (fetch says if not)."""
+    if not present(cfg.dataset, cfg.data_dir):  # it will be fetched there
+        _writable("data-dir", Path(cfg.data_dir))
     run_dir = Path(cfg.run_dir)
     _writable("run-dir", run_dir)
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
@@ -272,7 +274,9 @@ def cmd_defend(args: argparse.Namespace) -> int:
     try:
         overrides = parse_overrides(args.set)
         defenses = [n.strip() for n in args.post_defenses.split(",") if n.strip()]
-        out, summary = defend(run_dir, defenses, overrides, args.name, args.overwrite)
+        if args.name is not None:
+            check_name(args.name)
+        out, summary = defend(run_dir, defenses, overrides, args.name, args.overwrite, args.round)
         _, run_summary = read_run(run_dir)
     except (ConfigError, NotARunDirectory, RunFileError) as exc:
         print(f"flain: configuration error: {exc}", file=sys.stderr)
@@ -281,7 +285,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
         print(f"flain: data error: {exc}", file=sys.stderr)
         return EXIT_DATA
     recheck = summary["no_defense"]
-    if abs(recheck["acc"] - run_summary["final"]["acc"]) > 1e-6:
+    if args.round is None and abs(recheck["acc"] - run_summary["final"]["acc"]) > 1e-6:
         print(f"flain: warning: the final model scores ACC {recheck['acc']:.4f} here but {run_summary['final']['acc']:.4f} "
               "in the run: the evaluation set differs (aux split or data)", file=sys.stderr)
     print(format_table({"final": recheck, "post_defenses": summary["post_defenses"]}))
@@ -403,6 +407,8 @@ def parser() -> argparse.ArgumentParser:
                      help="a post-training setting (flain-*), e.g. --set flain-cv-tol=0.005")
     dfd.add_argument("--name", help="label of the results under RUN_DIR/defended/ (default: from the settings)")
     dfd.add_argument("--overwrite", action="store_true", help="replace earlier results with the same label")
+    dfd.add_argument("--round", type=int, default=None, metavar="R",
+                     help="defend the checkpoint of round R (a run trained with --set checkpoint-every=K)")
     dfd.set_defaults(func=cmd_defend)
 
     rp = sub.add_parser("reproduce", help="run the paper's tables/figures and write a side-by-side report")

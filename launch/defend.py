@@ -20,23 +20,27 @@ import torch
 
 from attacks import trigger_scheme
 from experiment.config import ConfigError, ExperimentConfig, default_run_config
-from experiment.data import aux_size, load, split_test, to_float
+from experiment.data import aux_size, aux_split, load, split_test, to_float
 from experiment.hardware import pick_device
 from launch.tables import read_run
 from models import build_model
 from server.app import apply_post_defenses
 from server.checks import check_experiment
 from server.evaluation import Evaluator
-from server.results import (AUX_FILE, DEFENDED_DIR, check_name, clear, load_state, mark, model_file, read_aux,
-                            save_state, write_summary)
+from server.results import (AUX_FILE, DEFENDED_DIR, check_name, checkpoint_file, checkpoint_rounds, clear,
+                            end_status, load_state, mark, model_file, read_aux, save_state, write_summary)
 from strategies.post_training import PostTrainingInput
 
 NEEDS_CLIENTS = ("fedpruning",)
 
 
+AUX_KEYS = ("aux-draw", "aux-size")  # the server's aux set: drawn again when either is given
+
+
 def changeable(key: str) -> bool:
-    """Settings a saved model can be re-defended with: the post-training ones (and where the data are)."""
-    return key.startswith("flain-") or key in ("post-defenses", "data-dir")
+    """Settings a saved model can be re-defended with: the post-training ones, the aux set, and
+    where the data are."""
+    return key.startswith("flain-") or key in ("post-defenses", "data-dir", *AUX_KEYS)
 
 
 def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: dict[str, Any]) -> ExperimentConfig:
@@ -58,8 +62,13 @@ def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: di
     return cfg
 
 
-def aux_indices(run_dir: Path, run_config: dict[str, Any], cfg: ExperimentConfig, test_size: int) -> tuple[np.ndarray, str]:
-    """The run's aux indices in the test split, and where they came from."""
+def aux_indices(run_dir: Path, run_config: dict[str, Any], cfg: ExperimentConfig, labels: np.ndarray,
+                overrides: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The aux indices in the test split, and where they came from: drawn as `aux-draw` and
+    `aux-size` say when either is overridden, else the run's own."""
+    test_size = len(labels)
+    if any(key in overrides for key in AUX_KEYS):
+        return aux_split(cfg, labels)[0], f"aux-draw={cfg.aux_draw}, aux-size={aux_size(cfg)}"
     if (run_dir / AUX_FILE).is_file():
         return read_aux(run_dir / AUX_FILE, test_size), AUX_FILE
     size = aux_size(cfg)
@@ -95,42 +104,56 @@ class DefendRecorder:
 
 
 def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label: str | None,
-           overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Apply `defenses` to RUN_DIR's final model; (output directory, its summary)."""
+           overwrite: bool = False, rnd: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """Apply `defenses` to RUN_DIR's final model, or to its checkpoint of round `rnd`;
+    (output directory, its summary)."""
     run_config, summary = read_run(run_dir)
     cfg = defend_config(run_config, defenses, overrides)
+    trained = "final"
+    if rnd is not None:
+        saved = checkpoint_rounds(run_dir)
+        if rnd not in saved:
+            raise ConfigError(f"{run_dir} has no checkpoint of round {rnd}: it saved rounds {saved or 'none'} "
+                              "(train with --set checkpoint-every=K)")
+        trained = f"round-{rnd}"
     if label is None:
         label = ("+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))).replace("/", "_")
+        label += f"@{trained}" if rnd is not None else ""
     out = run_dir / DEFENDED_DIR / check_name(label)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
         clear(out)  # all of it (refused if it is not ours)
-    for name in ("initial", "final"):
+    for name in ("initial", "final") if rnd is None else ("initial",):  # a checkpoint needs no finished run
         if not model_file(run_dir, name).is_file():
             raise ConfigError(f"{run_dir} has no {name}.pt: the run did not finish training")
 
     device = pick_device()
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    aux_idx, source = aux_indices(run_dir, run_config, cfg, len(labels))
+    aux_idx, source = aux_indices(run_dir, run_config, cfg, labels.numpy(), overrides)
     eval_mask = np.ones(len(labels), dtype=bool)
     eval_mask[aux_idx] = False
-    evaluator = Evaluator(build_model(cfg.dataset).to(device), images[eval_mask], labels[eval_mask],
+    evaluator = Evaluator(build_model(cfg.dataset, cfg.network).to(device), images[eval_mask], labels[eval_mask],
                           trigger_scheme(cfg).full, cfg.source_label, cfg.target_label)
-    model = build_model(cfg.dataset).to(device)
+    model = build_model(cfg.dataset, cfg.network).to(device)
     like = model.state_dict()
     initial = load_state(model_file(run_dir, "initial"), like, device)
-    final = load_state(model_file(run_dir, "final"), like, device)
+    final = load_state(checkpoint_file(run_dir, rnd) if rnd is not None else model_file(run_dir, "final"), like, device)
     model.load_state_dict(final)
     check = evaluator(final)  # the run's own no-Defense numbers, re-measured on the same images
     recorder = DefendRecorder(out, {
-        "run": str(run_dir.resolve()), "defenses": defenses, "overrides": overrides, "aux_source": source,
+        "run": str(run_dir.resolve()), "model": trained, "defenses": defenses, "overrides": overrides,
+        "aux_source": source,
         "no_defense": check, "device": str(device),
         "config": {k: v for k, v in cfg.to_run_config().items() if changeable(k) or k == "seed"},
     })
     inp = PostTrainingInput(model=model, initial_state=initial, aux_images=to_float(images[aux_idx]),
                             aux_labels=labels[aux_idx])
     started = time.perf_counter()
-    failed = apply_post_defenses(cfg, inp, evaluator, recorder)
+    try:
+        failed = apply_post_defenses(cfg, inp, evaluator, recorder)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (launch.cli): the results so far stay, marked
+        end_status(out, "interrupted", "stopped by a signal (Ctrl-C or SIGTERM)")
+        raise
     recorder.summary["seconds_total"] = time.perf_counter() - started
     return out, recorder.finish(failed)

@@ -124,6 +124,10 @@ def resolved(training: Training) -> ExperimentConfig:
 _IDENTITY_SKIP = ("run-dir", "data-dir", "post-defenses")
 
 
+# what a run made before a key existed used: the network before `network` was added
+BEFORE_THE_KEY = {"network": "two-dropout"}
+
+
 def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
     """A completed training of exactly this configuration. Where the data live does not count,
     nor which post-training defenses ran: missing ones are applied to its saved models
@@ -136,8 +140,9 @@ def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
         return False
     want = {k: v for k, v in cfg.to_run_config().items()
             if k not in _IDENTITY_SKIP and not k.startswith(("flain-", "fedpruning-"))}  # post-training settings
-    # keys newer than the run (absent from its config.json) must be at their defaults
-    return all(config.get(k, default_run_config()[k]) == v for k, v in want.items())
+    # keys newer than the run (absent from its config.json) had the value they had then
+    then = default_run_config() | BEFORE_THE_KEY
+    return all(config.get(k, then[k]) == v for k, v in want.items())
 
 
 DEFENDED_LABEL = "reproduce"  # RUN_DIR/defended/reproduce: defenses the run itself did not apply

@@ -52,6 +52,7 @@ def format_table(summary: dict[str, Any]) -> str:
         note = ""
         if "estimated_drop" in res:
             note = f"flipped={res['flipped']}/{res.get('inputs', '?')} (cross-fitted aux drop {res['estimated_drop']:.4f})"
+            note += " ALL FLIPPED: no threshold was chosen" if res.get("exhausted") else ""
         elif "flipped" in res:
             note = f"lambda={res['threshold']:.4f} flipped={res['flipped']}/{res.get('inputs', '?')}"
             note += " (all flipped)" if res.get("exhausted") else ""

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from attacks import malicious_clients, trigger_scheme
 from experiment.config import ExperimentConfig
-from experiment.data import DATASETS, aux_size, load, partition_sizes, split_test, to_float
+from experiment.data import DATASETS, aux_split, load, partition_sizes, to_float
 from experiment.hardware import pick_device, training_precision
 from experiment.seeds import int_seed
 from models import build_model
@@ -90,14 +90,14 @@ def main(grid: Grid, context: Context) -> None:
 
 def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunRecorder) -> None:
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    aux_idx, eval_idx = split_test(len(labels), aux_size(cfg), cfg.seed)
+    aux_idx, eval_idx = aux_split(cfg, labels.numpy())
     recorder.save_aux(aux_idx)  # `flain defend` re-applies defenses with exactly this aux set
     evaluator = Evaluator(  # ASR always with the whole pattern (DBA: all parts together)
-        build_model(cfg.dataset).to(device),
+        build_model(cfg.dataset, cfg.network).to(device),
         images[eval_idx], labels[eval_idx], trigger_scheme(cfg).full, cfg.source_label, cfg.target_label,
     )
     torch.manual_seed(int_seed(cfg.seed, "init"))  # the initial global model depends on the seed only
-    model = build_model(cfg.dataset)
+    model = build_model(cfg.dataset, cfg.network)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     recorder.save_model("initial", initial_state)
     clock = {"t": time.perf_counter()}  # the end of the last round (round 0: its evaluation's start)
@@ -106,7 +106,10 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
         started = time.perf_counter()
         if rnd == 0:
             clock["t"] = started
-        m = evaluator(arrays.to_torch_state_dict())
+        state = arrays.to_torch_state_dict()
+        if cfg.checkpoint_every and rnd and rnd % cfg.checkpoint_every == 0:
+            recorder.save_checkpoint(rnd, state)  # `flain defend RUN --round R` defends it
+        m = evaluator(state)
         now = time.perf_counter()
         recorder.round(rnd, m["acc"], m["asr"], now - clock["t"], now - started)
         log(INFO, "[flain] round %d/%d  acc=%.4f  asr=%.4f  (%.1fs, evaluation %.1fs)", rnd, cfg.num_rounds,
@@ -127,7 +130,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     recorder.save_model("final", final_state)
 
     images_aux = to_float(images[aux_idx])
-    trained = build_model(cfg.dataset).to(device)
+    trained = build_model(cfg.dataset, cfg.network).to(device)
     trained.load_state_dict(final_state)
     inp = PostTrainingInput(model=trained, initial_state=initial_state, aux_images=images_aux,
                             aux_labels=labels[aux_idx], grid=grid, strategy=strategy, last_round=cfg.num_rounds)

@@ -45,5 +45,5 @@ def resolved_settings(cfg: ExperimentConfig) -> dict[str, Any]:
         "scaling-factor": attacks.scaling_factor(cfg),
         "rlr-theta": cfg.rlr_theta or "a strict majority of each round's replies",
         "krum-f": aggregation.krum_f(cfg),
-        "flain-layer": models.resolve_tau(models.build_model(cfg.dataset), cfg.flain_layer),
+        "flain-layer": models.resolve_tau(models.build_model(cfg.dataset, cfg.network), cfg.flain_layer),
     }

@@ -32,6 +32,7 @@ ROUNDS_HEADER = ["round", "acc", "asr", "seconds", "eval_seconds"]
 MARKER = ".flain-run"  # what makes a directory one of ours: `--overwrite` deletes nothing else
 CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, AUX_FILE, PLOT_FILE = "config.json", "rounds.csv", "summary.json", "aux.npy", "plot.png"
 DEFENDED_DIR = "defended"
+CHECKPOINT_DIR = "checkpoints"  # checkpoints/round-R.pt: the global model after round R (checkpoint-every)
 ENDED = ("completed", "defense-failed", "failed", "interrupted")
 
 
@@ -52,6 +53,20 @@ def check_name(name: str, what: str = "--name") -> str:
 
 def model_file(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.pt"
+
+
+def checkpoint_file(run_dir: Path, rnd: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"round-{rnd}.pt"
+
+
+def checkpoint_rounds(run_dir: Path) -> list[int]:
+    """The rounds a run saved checkpoints of, ascending."""
+    found = []
+    for path in (run_dir / CHECKPOINT_DIR).glob("round-*.pt"):
+        suffix = path.stem.removeprefix("round-")
+        if suffix.isdigit():
+            found.append(int(suffix))
+    return sorted(found)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -136,6 +151,11 @@ class RunRecorder:
 
     def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
         return save_state(model_file(self.dir, name), state)
+
+    def save_checkpoint(self, rnd: int, state: dict[str, torch.Tensor]) -> Path:
+        path = checkpoint_file(self.dir, rnd)
+        path.parent.mkdir(exist_ok=True)
+        return save_state(path, state)
 
     def save_aux(self, indices: np.ndarray) -> Path:
         """The aux set's indices in the test split (the rest is the evaluation set)."""

@@ -51,7 +51,7 @@ def test_aux_size_default_per_dataset():
     "key,value,fragment",
     [
         ("dataset", "svhn", "dataset='svhn'"),
-        ("partition", "pathological", "choose one of ['dirichlet', 'iid']"),
+        ("partition", "pathological", "choose one of ['dirichlet', 'iid', 'iid-stratified']"),
         ("trigger", "blend", "trigger='blend'"),
         ("aggregation", "magic", "aggregation='magic'"),
         ("post-defenses", "flain,nope", "post-defenses='nope'"),
@@ -126,9 +126,9 @@ def test_table_command_puts_runs_side_by_side(tmp_path, capsys):
     ]:
         d = tmp_path / name
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"aggregation": rule}))
+        (d / "config.json").write_text(json.dumps({"dataset": "fmnist", "aggregation": rule}))
         (d / "summary.json").write_text(json.dumps({
-            "final": {"acc": final[0], "asr": final[1]},
+            "status": "completed", "final": {"acc": final[0], "asr": final[1]},
             "post_defenses": {k: {"acc": a, "asr": r} for k, (a, r) in post.items()} | {"x": {"error": "boom"}},
         }))
     assert main(["table", str(tmp_path / "fedavg"), str(tmp_path / "rlr")]) == 0
@@ -144,7 +144,7 @@ def test_table_command_puts_runs_side_by_side(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["table", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
-    assert "not a run directory: no config.json" in err and len(err.strip().splitlines()) == 1
+    assert "not a run directory" in err and "config.json: no such file" in err and len(err.strip().splitlines()) == 1
 
 
 def _one_line_error(capsys, argv: list[str]) -> str:
@@ -194,6 +194,7 @@ def test_cli_refuses_unwritable_dirs_and_a_finished_run(capsys, tmp_path):
         assert "cannot be written" in _one_line_error(capsys, ["run", "--dry-run", "--set", f"run-dir='{locked / 'r'}'"])
     done = tmp_path / "done"
     done.mkdir()
+    (done / ".flain-run").write_text('{"kind": "run"}')  # the marker: a run of ours
     (done / "summary.json").write_text(json.dumps({"status": "completed"}))
     err = _one_line_error(capsys, ["run", "--dry-run", "--set", f"run-dir='{done}'"])
     assert "already holds a run (status 'completed')" in err and "--overwrite" in err

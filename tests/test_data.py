@@ -97,3 +97,37 @@ def test_corrupt_debian_files_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FMNIST", deb)
     with pytest.raises(DataUnavailable, match="corrupt"):
         data.fetch("fmnist", tmp_path / "data")
+
+
+def test_per_class_aux_is_the_first_images_of_each_class():
+    from experiment.config import ExperimentConfig
+    from experiment.data import aux_split, per_class_aux
+
+    labels = np.array([2, 0, 1, 0, 2, 1, 0, 2, 1, 1, 0, 2])
+    assert per_class_aux(labels, 6, 3).tolist() == [0, 1, 2, 3, 4, 5]  # two of each class, in order
+    assert per_class_aux(labels, 3, 3).tolist() == [0, 1, 2]
+    full = np.tile(np.arange(10), 1000)  # 10,000 "test labels"
+    cfg = ExperimentConfig.defaults(aux_draw="per-class", aux_size=200)
+    aux, ev = aux_split(cfg, full)
+    assert aux.tolist() == list(range(200)) and len(ev) == 9800 and ev[0] == 200
+    assert np.bincount(full[aux]).tolist() == [20] * 10
+
+
+def test_per_class_aux_needs_a_multiple_of_the_classes():
+    from experiment.config import ConfigError, ExperimentConfig
+    from server.checks import check_experiment
+
+    with pytest.raises(ConfigError, match="multiple of the 10 classes"):
+        check_experiment(ExperimentConfig.defaults(aux_draw="per-class", aux_size=205))
+
+
+def test_stratified_partitions_hold_equal_shares_of_every_class():
+    labels = np.repeat(np.arange(10), 6000)  # Fashion-MNIST's training labels, counted
+    parts = partition_indices(labels, 10, "iid-stratified", 0.5, seed=1)
+    for part in parts:
+        assert np.bincount(labels[part], minlength=10).tolist() == [600] * 10
+    assert sorted(np.concatenate(parts).tolist()) == list(range(60000))  # a partition of the whole set
+    uneven = partition_indices(np.array([0] * 7 + [1] * 3), 3, "iid-stratified", 0.5, seed=1)
+    assert sorted(len(p) for p in uneven) == [3, 3, 4]
+    again = partition_indices(labels, 10, "iid-stratified", 0.5, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))  # seeded

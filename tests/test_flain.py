@@ -164,3 +164,29 @@ def test_flain_apply_changes_only_tau_weight():
     assert norm(state["fc1.weight"]).item() == pytest.approx(norm(trained["fc1.weight"]).item(), rel=1e-5)
     assert info["aux_acc_before"] == 1.0
     assert info["exhausted"] or info["aux_acc_before"] - info["aux_acc_at_stop"] >= 0.05
+
+
+def test_a_given_start_is_the_first_threshold_as_in_the_authors_code():
+    """Scores 0.0002 .. 0.003, step 0.0001, start 0.0005 (the authors' grid): lambda_k =
+    0.0005 + (k-1) * 0.0001. The hand-counted stops, and the naive loop written out here."""
+    from strategies.post_training.threshold import adaptive_threshold, adaptive_threshold_reference
+
+    x = np.array([0.003, 0.0002, 0.0011, 0.0006])
+    accuracy = lambda mask: 1.0 - 0.01 * int(mask.sum())  # noqa: E731 - each flipped input costs 0.01
+    # rho 0.005: the first threshold (0.0005) already flips 0.0002: stop at k = 1
+    stop = adaptive_threshold(x, 0.0001, 0.005, 1.0, accuracy, start=0.0005)
+    assert stop.steps == 1 and stop.threshold == pytest.approx(0.0005, abs=1e-15) and stop.mask.tolist() == [
+        False, True, False, False]
+    # rho 0.025: three inputs must be in; 0.0011 enters at lambda = 0.0011, the 7th threshold
+    naive_k, lam = 1, 0.0005
+    while not (x <= 0.0004 + naive_k * 0.0001).sum() >= 3:
+        naive_k += 1
+    for search in (adaptive_threshold, adaptive_threshold_reference):
+        stop = search(x, 0.0001, 0.025, 1.0, accuracy, start=0.0005)
+        assert stop.steps == naive_k and naive_k in (7, 8) and stop.mask.sum() == 3, search.__name__
+    # the paper's base: min(x) + step = 0.0003 comes first
+    stop = adaptive_threshold(x, 0.0001, 0.005, 1.0, accuracy)
+    assert stop.steps == 1 and stop.threshold == pytest.approx(0.0003, abs=1e-15)
+    # a start below every score: the first thresholds flip nothing and cost nothing
+    stop = adaptive_threshold(x, 0.0001, 0.005, 1.0, accuracy, start=0.0)
+    assert stop.steps == 3 and stop.mask.sum() == 1

@@ -100,3 +100,20 @@ def test_flain_cv_is_reproducible_from_its_seed():
     b = FlainCV(layer="fc1", seed=5).apply(inp)
     assert torch.equal(a[0]["fc1.weight"], b[0]["fc1.weight"]) and a[1]["flipped"] == b[1]["flipped"]
     assert 1 <= a[1]["flipped"] < Z
+
+
+def test_flipping_every_input_is_reported_not_passed_off_as_a_choice():
+    """tol 1 keeps the whole curve within tolerance: every input is flipped, and the result
+    says so (exhausted) instead of looking like a chosen threshold."""
+    from launch.tables import format_table
+
+    model, initial, g = _backdoored_model("cpu")
+    aux_x, aux_y = _features(200, False, g)
+    inp = PostTrainingInput(model, initial, aux_x, aux_y)
+    _, everything = FlainCV(tol=1.0, layer="fc1", seed=1).apply(inp)
+    assert everything["flipped"] == Z and everything["exhausted"] is True
+    _, chosen = FlainCV(tol=0.01, layer="fc1", seed=1).apply(inp)
+    assert chosen["flipped"] < Z and chosen["exhausted"] is False
+    table = format_table({"final": {"acc": 0.9, "asr": 0.9},
+                          "post_defenses": {"flain-cv": {"acc": 0.5, "asr": 0.0, **everything}}})
+    assert "ALL FLIPPED" in table

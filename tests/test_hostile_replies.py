@@ -198,3 +198,21 @@ def test_the_client_sends_exactly_the_metrics_the_server_expects():
     record = next(n for n in ast.walk(train) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "MetricRecord")
     keys = {k.value for k in record.args[0].keys if k is not None}
     assert keys | set(UPDATE_METRICS) == TRAIN_METRICS  # **attack.metrics(ctx) adds UPDATE_METRICS
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATIONS))
+def test_a_scalar_buffer_keeps_its_shape_through_the_guard(name):
+    """BatchNorm's num_batches_tracked is a 0-d int64 array: the aggregate the guard hands on
+    must still be 0-d int64, or every client is refused next round."""
+    cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name, krum_f=1, multikrum_m=3, invariant_beta=0.2)
+    strategy = AGGREGATIONS[name](cfg, frozenset({"n"}), LIMITS)
+    start = ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32)), "n": Array(np.array(3, np.int64))})
+    sent = list(strategy.configure_train(1, start, ConfigRecord(), LocalGrid(N)))
+    replies = [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(_weights(m.metadata.dst_node_id - 1)),
+                                                                   "n": Array(np.array(5, np.int64))}),
+                                           "metrics": train_metrics(10, m.metadata.dst_node_id - 1)}), reply_to=m)
+               for m in sent]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.failures == []
+    n = arrays["n"].numpy()
+    assert n.shape == () and n.dtype == np.int64 and int(n) == 5

@@ -71,3 +71,34 @@ def test_predictions_do_not_depend_on_the_inference_batch(dataset):
     body, _ = split_at(model, "fc1")
     x = images.float() / 255
     assert torch.allclose(tau_inputs(body, x), tau_inputs(body, x, batch=150), atol=1e-5)
+
+
+# layer by layer, as the authors' code has them (models/__init__.py: network=paper)
+PAPER_LAYERS = {
+    "fmnist": ["conv1", "relu1", "conv2", "relu2", "pool", "drop1", "flatten", "fc1", "relu3", "drop2",
+               "fc2", "relu4", "drop3", "fc3", "relu5", "drop4", "fc4"],
+    "mnist": ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "drop1", "flatten", "fc1", "relu3", "drop2", "fc2"],
+    "cifar10": ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool1", "conv3", "bn3", "relu3", "conv4", "bn4",
+                "relu4", "pool2", "conv5", "bn5", "relu5", "conv6", "bn6", "relu6", "pool3", "drop1", "flatten",
+                "fc1", "relu_fc1", "drop2", "fc2", "relu_fc2", "drop3", "fc3"],
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(PAPER_LAYERS))
+def test_the_default_network_is_the_papers_layer_by_layer(dataset):
+    model = build_model(dataset)
+    assert [n for n in model._modules if n != "std"] == PAPER_LAYERS[dataset]
+    assert all(m.p == 0.5 for m in model if isinstance(m, torch.nn.Dropout))
+
+
+@pytest.mark.parametrize("dataset, dropped", [("fmnist", {"drop3", "drop4"}), ("cifar10", {"drop3"}), ("mnist", set())])
+def test_the_two_dropout_network_differs_only_in_dropout(dataset, dropped):
+    paper, light = build_model(dataset), build_model(dataset, "two-dropout")
+    assert set(paper._modules) - set(light._modules) == dropped and not set(light._modules) - set(paper._modules)
+    assert {k: v.shape for k, v in paper.state_dict().items()} == {k: v.shape for k, v in light.state_dict().items()}
+    torch.manual_seed(0)
+    state = build_model(dataset).state_dict()
+    paper.load_state_dict(state)
+    light.load_state_dict(state)
+    x = torch.rand(2, *((3, 32, 32) if dataset == "cifar10" else (1, 28, 28)))
+    assert torch.equal(paper.eval()(x), light.eval()(x))  # in eval mode dropout is the identity

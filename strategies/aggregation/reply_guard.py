@@ -129,7 +129,7 @@ def conform(arrays: ArrayRecord, sent: Specs) -> tuple[ArrayRecord | None, str |
             cast = np.rint(values).astype(dtype) if np.issubdtype(dtype, np.integer) else values.astype(dtype)
         if np.issubdtype(dtype, np.inexact) and not np.isfinite(cast).all():
             return None, f"the aggregate's {name} overflows {dtype}"
-        out[name] = Array(np.ascontiguousarray(cast))
+        out[name] = Array(np.array(cast, order="C"))  # (ascontiguousarray would make a 0-d array 1-d)
     return ArrayRecord(out), None
 
 

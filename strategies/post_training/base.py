@@ -45,7 +45,9 @@ class TauSettings:
     step: float = 0.001
     rho: float = 0.02
     layer: str = "auto"  # 'auto' = first Linear after the convolutions
+    start: float | None = None  # the first threshold; None: min + step (the paper)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> TauSettings:
-        return cls(step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer)
+        return cls(step=cfg.flain_step, rho=cfg.flain_rho, layer=cfg.flain_layer,
+                   start=None if cfg.flain_start < 0 else cfg.flain_start)

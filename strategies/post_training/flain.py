@@ -64,9 +64,9 @@ Search = Callable[..., Stop]
 
 
 def _flain(search: Search, x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float,
-           evaluate: Evaluate, mask_accuracy: MaskAccuracy | None = None) -> FlainResult:
+           evaluate: Evaluate, mask_accuracy: MaskAccuracy | None = None, start: float | None = None) -> FlainResult:
     acc0 = evaluate(w)
-    stop = search(x, step, rho, acc0, mask_accuracy or (lambda mask: evaluate(flip_updates(w0, w, mask))))
+    stop = search(x, step, rho, acc0, mask_accuracy or (lambda mask: evaluate(flip_updates(w0, w, mask))), start)
     w_star = flip_updates(w0, w, stop.mask)
     return FlainResult(
         weight=rescale(w_star, torch.linalg.matrix_norm(w).item()),
@@ -81,22 +81,23 @@ def _flain(search: Search, x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, ste
 
 
 def flain_search_reference(
-    x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float, evaluate: Evaluate
+    x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float, evaluate: Evaluate,
+    start: float | None = None,
 ) -> FlainResult:
     """Algorithm 1 as written: one evaluation per step of lambda (the slow reference)."""
-    return _flain(adaptive_threshold_reference, x, w0, w, step, rho, evaluate)
+    return _flain(adaptive_threshold_reference, x, w0, w, step, rho, evaluate, start=start)
 
 
 def flain_search(
     x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rho: float, evaluate: Evaluate,
-    mask_accuracy: MaskAccuracy | None = None,
+    mask_accuracy: MaskAccuracy | None = None, start: float | None = None,
 ) -> FlainResult:
     """Algorithm 1, evaluating only at the lambdas where the flipped set changes.
 
     Same stop, same lambda, same weights as `flain_search_reference`. `mask_accuracy`, if
     given, scores a flip mask without building W* (`flip_path.IncrementalFlips`); it must
     return what evaluate(flip_updates(w0, w, mask)) returns."""
-    return _flain(adaptive_threshold, x, w0, w, step, rho, evaluate, mask_accuracy)
+    return _flain(adaptive_threshold, x, w0, w, step, rho, evaluate, mask_accuracy, start)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Flain(TauSettings):
         w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
         fast = IncrementalFlips(tau.features, tau.labels, w0, tau.weight, tau.head._modules[tau.name].bias,
                                 tau.head[1:], lambda mask: tau.evaluate(flip_updates(w0, tau.weight, mask)))
-        result = flain_search(tau.activations, w0, tau.weight, self.step, self.rho, tau.evaluate, fast)
+        result = flain_search(tau.activations, w0, tau.weight, self.step, self.rho, tau.evaluate, fast, self.start)
         state, aux_acc_after = tau.state_with(result.weight)
         info = {
             "layer": tau.name,

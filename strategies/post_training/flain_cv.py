@@ -153,6 +153,8 @@ class FlainCV:
             "inputs": int(tau.weight.shape[1]),
             "threshold": float(np.sort(tau.activations)[n - 1]) if n else None,
             "estimated_drop": float(drops[i]),
+            # every input flipped: the curve never left the tolerance, so the rule chose nothing
+            "exhausted": bool(n == len(tau.activations)),
             "aux_acc_before": acc_before,
             "aux_acc_after": aux_acc_after,
             "rule": {"scores": self.scores, "select": self.select, "tol": self.tol, "folds": self.folds,

@@ -35,7 +35,7 @@ class Pruning(TauSettings):
         acc0 = tau.evaluate(tau.weight)
         stop = adaptive_threshold(
             tau.activations, self.step, self.rho, acc0,
-            lambda mask: tau.evaluate(prune_columns(tau.weight, mask)),
+            lambda mask: tau.evaluate(prune_columns(tau.weight, mask)), self.start,
         )
         state, acc_after = tau.state_with(prune_columns(tau.weight, stop.mask))
         return state, {

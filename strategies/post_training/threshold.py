@@ -1,10 +1,11 @@
 """The adaptive threshold of Algorithm 1 (Ding et al., FLAIN), shared by the defenses.
 
-Raise lambda = min(x) + k * step (k = 1, 2, ...) over per-input scores x and act on the
+Raise lambda = base + k * step (k = 1, 2, ...) over per-input scores x and act on the
 inputs with x <= lambda, until the aux-accuracy drop acc0 - acc reaches rho, or every
-input is in (`exhausted`). `lambda_k = min + k*step` is computed directly, not by
-repeated addition, so the fast search and the plain loop compare against bit-identical
-thresholds.
+input is in (`exhausted`). base is min(x), as the paper writes it, or `start - step` when a
+first threshold `start` is given (the authors' code starts at 0.0005 whatever min(x) is).
+`lambda_k = base + k*step` is computed directly, not by repeated addition, so the fast
+search and the plain loop compare against bit-identical thresholds.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ class Stop:
     evaluations: int
 
 
-def thresholds(x: np.ndarray, step: float) -> tuple[float, np.ndarray]:
-    """(mu, ks): min(x) and the steps k >= 1 at which the set {x <= mu + k*step}
+def base(x: np.ndarray, step: float, start: float | None = None) -> float:
+    """The threshold's base: lambda_k = base + k * step, so lambda_1 is min(x) + step or `start`."""
+    return float(x.min()) if start is None else float(start) - step
+
+
+def thresholds(x: np.ndarray, step: float, start: float | None = None) -> tuple[float, np.ndarray]:
+    """(mu, ks): the base and the steps k >= 1 at which the set {x <= mu + k*step}
     changes, ascending. Between two of them the set, hence the model, is the same."""
-    mu = float(x.min())
+    mu = base(x, step, start)
     values = np.unique(x)
     ks = np.maximum(1, np.ceil((values - mu) / step)).astype(np.int64)
     # ceil() on floats can be one off either way: settle each k exactly.
@@ -42,10 +48,11 @@ def thresholds(x: np.ndarray, step: float) -> tuple[float, np.ndarray]:
     return mu, np.unique(ks)
 
 
-def adaptive_threshold_reference(x: np.ndarray, step: float, rho: float, acc0: float, accuracy: MaskAccuracy) -> Stop:
+def adaptive_threshold_reference(x: np.ndarray, step: float, rho: float, acc0: float, accuracy: MaskAccuracy,
+                                 start: float | None = None) -> Stop:
     """Raise lambda by `step` until acc0 - accuracy(x <= lambda) >= rho (or all are in)."""
     x = np.asarray(x, dtype=np.float64)
-    mu, k = float(x.min()), 1
+    mu, k = base(x, step, start), 1
     while True:
         mask = x <= mu + k * step
         acc = accuracy(mask)
@@ -54,10 +61,11 @@ def adaptive_threshold_reference(x: np.ndarray, step: float, rho: float, acc0: f
         k += 1
 
 
-def adaptive_threshold(x: np.ndarray, step: float, rho: float, acc0: float, accuracy: MaskAccuracy) -> Stop:
+def adaptive_threshold(x: np.ndarray, step: float, rho: float, acc0: float, accuracy: MaskAccuracy,
+                       start: float | None = None) -> Stop:
     """Same stop as `adaptive_threshold_reference`, evaluating only where the set changes."""
     x = np.asarray(x, dtype=np.float64)
-    mu, ks = thresholds(x, step)
+    mu, ks = thresholds(x, step, start)
     for evaluations, k in enumerate(ks, start=1):
         mask = x <= mu + k * step
         acc = accuracy(mask)
