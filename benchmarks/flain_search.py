@@ -42,7 +42,7 @@ def main() -> None:
     model = build_model("fmnist")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     if args.model:
-        model.load_state_dict(torch.load(args.model))
+        model.load_state_dict(torch.load(args.model, weights_only=True))
     else:
         x, y = load("fmnist", args.data_dir, True)
         print("training the network on 12,000 images (no --model given) ...", flush=True)

@@ -2,7 +2,7 @@
 
   python docs/fidelity_study.py train  [--rounds 20] [--seeds 42,43,44] [--partitions iid-stratified,iid]
                                        [--networks paper] [--task 0-5] [--out runs/fidelity]
-  python docs/fidelity_study.py defend [--out runs/fidelity]      # every checkpoint, both protocols
+  python docs/fidelity_study.py defend [--out runs/fidelity] [--at 10,20]  # checkpoints, both protocols
   python docs/fidelity_study.py report [--out runs/fidelity] [--md docs/fidelity]
 
 `train` runs the missing trainings one after another (resumable: a finished one is skipped,
@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOCOLS = {  # label -> `flain defend --set` overrides
-    "ours": {},
-    "authors": {"aux-draw": "per-class", "flain-start": 0.0005, "flain-step": 0.0001, "flain-rho": 0.024},
+PROTOCOLS = {  # label -> (defenses, `flain defend --set` overrides)
+    "ours": ("flain,flain-cv", {}),
+    "authors": ("flain", {"aux-draw": "per-class", "flain-start": 0.0005, "flain-step": 0.0001, "flain-rho": 0.024}),
 }
 EVERY = 5
 
@@ -74,12 +74,12 @@ def defend(args: argparse.Namespace) -> int:
     from server.results import checkpoint_rounds
 
     for run_dir in sorted(p for p in Path(args.out).iterdir() if p.is_dir()):
-        for rnd in checkpoint_rounds(run_dir):
-            for protocol, overrides in PROTOCOLS.items():
+        for rnd in [r for r in checkpoint_rounds(run_dir) if not args.at or r in args.at]:
+            for protocol, (defenses, overrides) in PROTOCOLS.items():
                 if (run_dir / "defended" / _label(protocol, rnd) / "summary.json").is_file():
                     continue
                 cmd = [sys.executable, "-m", "launch.cli", "defend", str(run_dir), "--round", str(rnd),
-                       "--post-defenses", "flain", "--name", _label(protocol, rnd), "--overwrite"]
+                       "--post-defenses", defenses, "--name", _label(protocol, rnd), "--overwrite"]
                 for key, value in overrides.items():
                     cmd += ["--set", f"{key}={json.dumps(value)}"]
                 code = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -96,12 +96,13 @@ def collect(out: Path) -> list[dict]:
             if summary.get("status") != "completed":
                 continue
             protocol, rnd = label_dir.name.removeprefix("fidelity-").split("@round-")
-            flain = summary["post_defenses"]["flain"]
             base = summary["no_defense"]
-            rows.append({"run": run_dir.name, "network": config["network"], "partition": config["partition"],
-                         "seed": config["seed"], "round": int(rnd), "protocol": protocol,
-                         "acc": base["acc"], "asr": base["asr"], "flain_acc": flain["acc"], "flain_asr": flain["asr"],
-                         "cost": base["acc"] - flain["acc"], "flipped": flain["flipped"]})
+            for defense, result in summary["post_defenses"].items():
+                rows.append({"run": run_dir.name, "network": config["network"], "partition": config["partition"],
+                             "seed": config["seed"], "round": int(rnd), "protocol": protocol, "defense": defense,
+                             "acc": base["acc"], "asr": base["asr"], "flain_acc": result["acc"],
+                             "flain_asr": result["asr"], "cost": base["acc"] - result["acc"],
+                             "flipped": result["flipped"]})
     return rows
 
 
@@ -120,9 +121,9 @@ def report(args: argparse.Namespace) -> int:
     (md / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["network"], r["partition"], r["protocol"], r["round"]), []).append(r)
-    lines = ["| network | partition | protocol | round | seeds | no-Defense ACC | no-Defense ASR | FLAIN ASR "
-             "| FLAIN ACC cost | flipped |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        groups.setdefault((r["network"], r["partition"], r["protocol"], r["defense"], r["round"]), []).append(r)
+    lines = ["| network | partition | protocol | defense | round | seeds | no-Defense ACC | no-Defense ASR "
+             "| defended ASR | ACC cost | flipped |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in sorted(groups):
         g = groups[key]
         lines.append(f"| {' | '.join(map(str, key))} | {','.join(str(r['seed']) for r in g)} | "
@@ -143,16 +144,16 @@ def _plot(groups: dict[tuple, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple, list[tuple[int, float, float]]] = {}
-    for (network, partition, protocol, rnd), g in groups.items():
-        series.setdefault((network, partition, protocol), []).append(
+    for (network, partition, protocol, defense, rnd), g in groups.items():
+        series.setdefault((network, partition, protocol, defense), []).append(
             (rnd, statistics.mean(r["flain_asr"] for r in g), statistics.mean(r["cost"] for r in g)))
     for key, points in sorted(series.items()):
         points.sort()
         xs = [p[0] for p in points]
         axes[0].plot(xs, [p[1] for p in points], "-o", ms=3, label=" / ".join(key))
         axes[1].plot(xs, [p[2] for p in points], "-o", ms=3, label=" / ".join(key))
-    axes[0].set(xlabel="training rounds", ylabel="FLAIN ASR (mean over seeds)", ylim=(-0.02, 1.02))
-    axes[1].set(xlabel="training rounds", ylabel="FLAIN ACC cost (no-Defense - FLAIN)")
+    axes[0].set(xlabel="training rounds", ylabel="ASR after the defense (mean over seeds)", ylim=(-0.02, 1.02))
+    axes[1].set(xlabel="training rounds", ylabel="ACC cost (no-Defense - defended)")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -171,6 +172,8 @@ def main() -> int:
     p.add_argument("--partitions", type=lambda s: s.split(","), default=["iid-stratified", "iid"])
     p.add_argument("--networks", type=lambda s: s.split(","), default=["paper"])
     p.add_argument("--task", default="0-5")
+    p.add_argument("--at", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                   help="defend: only the checkpoints of these rounds (default: every one)")
     args = p.parse_args()
     return {"train": train, "defend": defend, "report": report}[args.command](args)
 

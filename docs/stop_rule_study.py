@@ -73,9 +73,9 @@ def study(run_dir: Path) -> dict:
     keep = np.ones(len(labels), dtype=bool)
     keep[aux_idx] = False
     model = build_model(cfg.dataset, cfg.network)
-    model.load_state_dict(torch.load(run_dir / "final.pt"))
+    model.load_state_dict(torch.load(run_dir / "final.pt", weights_only=True))
     model.eval()
-    initial = torch.load(run_dir / "initial.pt")
+    initial = torch.load(run_dir / "initial.pt", weights_only=True)
     aux_x, aux_y = to_float(images[aux_idx]), labels[aux_idx]
     tau = TauView.of(model, cfg.flain_layer, aux_x, aux_y)
     counts = candidate_counts(tau.activations, cfg.flain_step)

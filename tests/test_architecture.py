@@ -55,3 +55,14 @@ def test_apps_never_import_the_launcher_and_config_imports_nothing_of_ours():
     graph = _graph()
     assert all("launch" not in graph[p] for p in PACKAGES if p != "launch")
     assert _imports(SOURCE_ROOT / "experiment" / "config.py") == set()
+
+
+def test_every_torch_load_says_weights_only():
+    """A checkpoint is untrusted input: only tensors may be unpickled, whatever
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says (torch's default alone follows that variable)."""
+    import re
+
+    for folder in (*PACKAGES, "tests", "benchmarks", "docs", "docker"):
+        for path in (SOURCE_ROOT / folder).rglob("*.py"):
+            for call in re.findall(r"torch\.load\([^\n]*", path.read_text()):
+                assert "weights_only=True" in call, f"{path}: {call}"

@@ -95,8 +95,8 @@ def test_dataset_runs_end_to_end(tmp_path, flain_cli, dataset, make, trigger, ru
     config = json.loads((run_dir / "config.json").read_text())
     assert config["resolved"]["aux-size"] == 40 and len(config["malicious_clients"]) == 1
 
-    final = torch.load(run_dir / "final.pt")
-    initial = torch.load(run_dir / "initial.pt")
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    initial = torch.load(run_dir / "initial.pt", weights_only=True)
     if dataset == "cifar10":  # BatchNorm statistics were trained and averaged, never sign-flipped
         assert final["fc1.weight"].shape == (1024, 4096)
         assert not torch.allclose(final["bn1.running_var"], torch.ones(64))

@@ -1,6 +1,7 @@
 """Every wait has a deadline and watches what it depends on; SIGTERM and SIGINT stop everything
 a command started. Real SuperLinks and real `flain` processes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -61,17 +62,19 @@ def _marked_processes(marker: str) -> list[int]:
     return processes_with_env("FLAIN_TEST_MARKER", marker)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_everything_flain_run_started(tmp_path, sig):
-    """`flain run` gets SIGTERM (what timeout, systemd and docker stop send) or SIGINT once its
-    simulation is training: it exits 130 with one line, and no process it started lives on
-    (SuperLink, SuperExec, flwr-simulation, Ray's daemons and actors all inherit the marker)."""
+@pytest.mark.parametrize("command, sig", [("run", signal.SIGTERM), ("run", signal.SIGINT), ("deploy", signal.SIGTERM)])
+def test_a_signal_stops_everything_the_command_started(tmp_path, command, sig):
+    """`flain run` (or `flain deploy`) gets SIGTERM (what timeout, systemd and docker stop send)
+    or SIGINT once it is training: it exits 130 with one line, summary.json says
+    `interrupted`, and no process it started lives on (SuperLink, SuperExec, flwr-simulation,
+    Ray's daemons and actors, SuperNodes: all inherit the marker)."""
     if not (DATA / "FashionMNIST").is_dir():
         pytest.skip("Fashion-MNIST is not in data/ (make setup)")
     marker = uuid.uuid4().hex
     env = dict(os.environ, FLAIN_TEST_MARKER=marker)
+    clients = ["--nodes", "2"] if command == "deploy" else ["--set", "num-clients=2"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "run", "--set", "num-clients=2", "--set", "num-rounds=3",
+        [sys.executable, "-m", "launch.cli", command, *clients, "--set", "num-rounds=3",
          "--set", "train-fraction=0.02", "--set", "post-defenses=''", "--set", "mcr=0.0",
          "--set", f"run-dir='{tmp_path / 'run'}'", "--set", f"data-dir='{DATA}'"],
         cwd=SOURCE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,6 +94,8 @@ def test_a_signal_stops_everything_flain_run_started(tmp_path, sig):
     assert proc.returncode == 130, output[-3000:]
     assert "flain: interrupted; every process started was stopped" in rest
     assert "Traceback" not in rest
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
     deadline = time.monotonic() + 10
     while _marked_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -33,14 +33,19 @@ def _orphans() -> set[int]:
     return found
 
 
-# Loaded into every Python process of the run (PYTHONPATH): breaks Pruning.apply when the
-# server imports it, so one real run shows a failed post-training defense end to end.
+# Loaded into every Python process of the run (PYTHONPATH): once a module is imported, a patch
+# changes it. Pruning.apply breaks, so one real run shows a failed post-training defense end to
+# end; partition 0 (a benign client) lies about its example count: infinity in every training
+# reply, a billion in the ranking query (federated pruning).
 BREAK_PRUNING = """
 import importlib.abc, sys
 
-class _BreakPruning(importlib.abc.MetaPathFinder):
+class _Patch(importlib.abc.MetaPathFinder):
+    def __init__(self, target, patch):
+        self.target, self.patch = target, patch
+
     def find_spec(self, name, path, target=None):
-        if name != "strategies.post_training.pruning":
+        if name != self.target:
             return None
         for finder in sys.meta_path:
             spec = None if finder is self else finder.find_spec(name, path, target)
@@ -52,49 +57,33 @@ class _BreakPruning(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-
-            def broken(self, inp):
-                raise RuntimeError("pruning broken on purpose by the test")
-
-            module.Pruning.apply = broken
+            self.patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
-sys.meta_path.insert(0, _BreakPruning())
+
+def break_pruning(module):
+    def broken(self, inp):
+        raise RuntimeError("pruning broken on purpose by the test")
+
+    module.Pruning.apply = broken
 
 
-class _LyingClient(importlib.abc.MetaPathFinder):
-    # Partition 0 (a benign client) lies about its example count: infinity in every training
-    # reply, a billion in the ranking query (federated pruning).
+def lie_about_examples(module):
+    real = module.MetricRecord
 
-    def find_spec(self, name, path, target=None):
-        if name != "client.app":
-            return None
-        for finder in sys.meta_path:
-            spec = None if finder is self else finder.find_spec(name, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        load = spec.loader.exec_module
+    def lying(values):
+        values = dict(values)
+        if values.get("partition-id") == 0:
+            values["num-examples"] = float("inf") if "train-loss" in values else 10**9
+        return real(values)
 
-        def exec_module(module):
-            load(module)
-            real = module.MetricRecord
+    module.MetricRecord = lying
 
-            def lying(values):
-                values = dict(values)
-                if values.get("partition-id") == 0:
-                    values["num-examples"] = float("inf") if "train-loss" in values else 10**9
-                return real(values)
 
-            module.MetricRecord = lying
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, _LyingClient())
+sys.meta_path.insert(0, _Patch("strategies.post_training.pruning", break_pruning))
+sys.meta_path.insert(0, _Patch("client.app", lie_about_examples))
 """
 
 
@@ -169,13 +158,13 @@ def test_artifacts(small_run):
     fedpruning = summary["post_defenses"]["fedpruning"]
     assert fedpruning["clients"] == 2 and fedpruning["finetune_rounds"] == 1  # the liar's ranking did not count
 
-    initial, final, defended = (torch.load(run_dir / f"{n}.pt") for n in ("initial", "final", "flain"))
+    initial, final, defended = (torch.load(run_dir / f"{n}.pt", weights_only=True) for n in ("initial", "final", "flain"))
     assert set(initial) == set(final) == set(defended)
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
     assert not torch.equal(initial["fc1.weight"], final["fc1.weight"])
     for k in final:  # FLAIN changes tau's weight only
         assert torch.equal(final[k], defended[k]) == (k != "fc1.weight"), k
-    tuned = torch.load(run_dir / "fedpruning.pt")
+    tuned = torch.load(run_dir / "fedpruning.pt", weights_only=True)
     assert int((tuned["fc1.weight"] == 0).all(0).sum()) >= fedpruning["pruned"]  # still pruned after fine-tuning
     assert not torch.equal(tuned["fc2.weight"], final["fc2.weight"])  # fine-tuning trained the rest
 
