@@ -112,6 +112,7 @@ def test_flipping_every_input_is_reported_not_passed_off_as_a_choice():
     inp = PostTrainingInput(model, initial, aux_x, aux_y)
     _, everything = FlainCV(tol=1.0, layer="fc1", seed=1).apply(inp)
     assert everything["flipped"] == Z and everything["exhausted"] is True
+    assert torch.is_grad_enabled()  # five fold walks ran to their ends: grad mode is back on
     _, chosen = FlainCV(tol=0.01, layer="fc1", seed=1).apply(inp)
     assert chosen["flipped"] < Z and chosen["exhausted"] is False
     table = format_table({"final": {"acc": 0.9, "asr": 0.9},

@@ -52,12 +52,16 @@ class RankOneFlips:
             self.pre = self.pre - 2 * self.x[:, idx] @ self.dw[:, idx].T
 
 
+@torch.no_grad()  # as a decorator: grad mode is switched around each step, never left off between
 def flip_path_logits(features: torch.Tensor, w0: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                      rest: nn.Module, order: np.ndarray, counts: np.ndarray) -> Iterator[torch.Tensor]:
     """Logits of the rescaled FLAIN model with the first n inputs of `order` flipped, for each
-    n in `counts` (ascending). `rest` is the head after tau's Linear (ReLU, ...)."""
-    with torch.no_grad():
-        yield from _walk(features, w0, w, bias, rest, order, counts)
+    n in `counts` (ascending). `rest` is the head after tau's Linear (ReLU, ...).
+
+    (A `with torch.no_grad()` around the yields would leave grad mode off in the caller between
+    steps, and several walks finishing in another order than they started would leave it off
+    for good: FLAIN-CV walks one per fold in step.)"""
+    yield from _walk(features, w0, w, bias, rest, order, counts)
 
 
 def _walk(features: torch.Tensor, w0: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
