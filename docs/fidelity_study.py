@@ -106,12 +106,12 @@ def collect(out: Path) -> list[dict]:
     return rows
 
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 3) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def report(args: argparse.Namespace) -> int:
@@ -129,7 +129,7 @@ def report(args: argparse.Namespace) -> int:
         lines.append(f"| {' | '.join(map(str, key))} | {','.join(str(r['seed']) for r in g)} | "
                      f"{_ms([r['acc'] for r in g])} | {_ms([r['asr'] for r in g])} | "
                      f"{_ms([r['flain_asr'] for r in g])} | {_ms([r['cost'] for r in g])} | "
-                     f"{_ms([float(r['flipped']) for r in g])} |")
+                     f"{_ms([float(r['flipped']) for r in g], 0)} |")
     (md / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(groups, md / "fidelity.png")

@@ -153,7 +153,8 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
             if final["status"] != "finished:completed":
                 raise RunFailed(f"{final['status']}: {final.get('status-details', '')}")
     except KeyboardInterrupt:
-        end_status(run_dir, "interrupted", "stopped by a signal (Ctrl-C or SIGTERM)")
+        # the ServerApp may have recorded its own termination as `failed`: the signal was ours
+        end_status(run_dir, "interrupted", "stopped by a signal (Ctrl-C or SIGTERM)", over=("running", "failed"))
         print(f"\n{INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (RunFailed, RuntimeError) as exc:

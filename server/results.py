@@ -195,16 +195,19 @@ def write_summary(folder: Path, summary: dict[str, Any]) -> None:
     atomic_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
-def end_status(run_dir: Path, status: str, error: str) -> None:
-    """A run whose processes were stopped before they could say how it ended: summary.json
-    still says `running`; say `status` (interrupted or failed) and why."""
+def end_status(run_dir: Path, status: str, error: str, over: tuple[str, ...] = ("running",)) -> None:
+    """A run whose processes were stopped before they could say how it ended: where
+    summary.json says one of `over` (`running`; also `failed` when the launcher knows it
+    stopped the run itself, and the ServerApp saw only its own termination), say `status`
+    (interrupted or failed) and why; what the ServerApp said stays as `server_error`."""
     path = run_dir / SUMMARY_FILE
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if isinstance(summary, dict) and summary.get("status") == "running":
-        write_summary(run_dir, summary | {"status": status, "error": error})
+    if isinstance(summary, dict) and summary.get("status") in over:
+        earlier = {"server_error": summary["error"]} if "error" in summary else {}
+        write_summary(run_dir, summary | earlier | {"status": status, "error": error})
 
 
 # ---- reading back ---------------------------------------------------------------------------

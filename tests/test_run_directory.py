@@ -115,6 +115,10 @@ def test_a_run_left_running_is_marked_interrupted(tmp_path):
     write_summary(tmp_path, {"status": "completed"})
     end_status(tmp_path, "failed", "late")  # an ended run keeps its own status
     assert read_json(tmp_path / "summary.json")["status"] == "completed"
+    write_summary(tmp_path, {"status": "failed", "error": "SystemExit: 0"})  # the ServerApp saw its own end
+    end_status(tmp_path, "interrupted", "stopped by a signal", over=("running", "failed"))
+    summary = read_json(tmp_path / "summary.json")
+    assert (summary["status"], summary["server_error"]) == ("interrupted", "SystemExit: 0")
 
 
 # ---- files read back ------------------------------------------------------------------------------
