@@ -207,7 +207,10 @@ def end_status(run_dir: Path, status: str, error: str, over: tuple[str, ...] = (
         return
     if isinstance(summary, dict) and summary.get("status") in over:
         earlier = {"server_error": summary["error"]} if "error" in summary else {}
-        write_summary(run_dir, summary | earlier | {"status": status, "error": error})
+        try:
+            write_summary(run_dir, summary | earlier | {"status": status, "error": error})
+        except OSError:  # a full disk: the old summary stays whole; the command's exit code tells
+            pass
 
 
 # ---- reading back ---------------------------------------------------------------------------
