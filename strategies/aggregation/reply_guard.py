@@ -51,12 +51,8 @@ Specs = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape, dty
 
 
 def array_specs(record: ArrayRecord) -> Specs:
-    """The keys, shapes and dtypes of a record the server made itself."""
-    out = {}
-    for name, array in record.items():
-        values = array.numpy()
-        out[name] = (tuple(values.shape), values.dtype)
-    return out
+    """The keys, shapes and dtypes of a record the server made itself (its declared ones are true)."""
+    return {name: (tuple(array.shape), np.dtype(array.dtype)) for name, array in record.items()}
 
 
 def arrays_problem(specs: Specs, got: ArrayRecord) -> str | None:
@@ -112,25 +108,21 @@ def reply_problem(sent: Specs, reply: Message, limits: ReplyLimits, key: str = "
 
 
 def conform(arrays: ArrayRecord, sent: Specs) -> tuple[ArrayRecord | None, str | None]:
-    """The aggregate in the model's own dtypes (some of Flower's rules return float64, e.g.
-    Bulyan for integer counters), or None and why it must not replace the global model: other
-    keys or shapes, or values that are not finite in the model's dtype."""
-    if set(arrays) != set(sent):
-        return None, f"the aggregate has other keys than the model: {sorted(set(arrays) ^ set(sent))}"
+    """The aggregate cast to the model's own dtypes (some of Flower's rules return float64,
+    e.g. Bulyan for integer counters), or None and why it must not replace the global model:
+    what `arrays_problem` refuses in a reply (other keys or shapes, values that are not finite
+    in the model's dtype)."""
     out = {}
     for name, array in arrays.items():
-        shape, dtype = sent[name]
         values = array.numpy()
-        if tuple(values.shape) != shape:
-            return None, f"the aggregate's {name} has shape {tuple(values.shape)}, expected {shape}"
-        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
-            return None, f"the aggregate's {name} holds NaN or Inf"
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = np.rint(values).astype(dtype) if np.issubdtype(dtype, np.integer) else values.astype(dtype)
-        if np.issubdtype(dtype, np.inexact) and not np.isfinite(cast).all():
-            return None, f"the aggregate's {name} overflows {dtype}"
-        out[name] = Array(np.array(cast, order="C"))  # (ascontiguousarray would make a 0-d array 1-d)
-    return ArrayRecord(out), None
+        if name in sent and (not np.issubdtype(values.dtype, np.inexact) or np.isfinite(values).all()):
+            dtype = sent[name][1]
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes Inf: refused below
+                values = np.rint(values).astype(dtype) if np.issubdtype(dtype, np.integer) else values.astype(dtype)
+        out[name] = Array(np.array(values, order="C"))  # (ascontiguousarray would make a 0-d array 1-d)
+    record = ArrayRecord(out)
+    problem = arrays_problem(sent, record)
+    return (None, f"the aggregate's {problem}") if problem else (record, None)
 
 
 def claimed_partition(reply: Message, partitions: int) -> int | None:

@@ -28,7 +28,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from experiment.config import ExperimentConfig
-from strategies.aggregation.reply_guard import ReplyLimits, arrays_problem, claimed_partition, metrics_problem
+from strategies.aggregation.reply_guard import ReplyLimits, claimed_partition, reply_problem
 from strategies.post_training.base import PostTrainingInput
 from strategies.post_training.pruning import prune_columns
 from strategies.post_training.tau import TauView
@@ -39,18 +39,14 @@ RANKING_METRICS = frozenset({"num-examples", "partition-id"})
 
 
 def ranking_problem(reply: Message, inputs: int, limits: ReplyLimits) -> str | None:
-    """Why a ranking reply must not count (None if it may): one int64 array `ranks` that is a
-    permutation of 0..inputs-1, and metrics `num-examples` (within its partition's size) and
-    `partition-id`, as a training reply's are checked."""
-    content = reply.content
-    if list(content.array_records) != ["ranks"] or list(content.metric_records) != ["metrics"]:
-        return f"expected ArrayRecord 'ranks' and MetricRecord 'metrics', got {sorted(content.array_records)} " \
-               f"and {sorted(content.metric_records)}"
-    problem = arrays_problem({"ranks": ((inputs,), np.dtype(np.int64))}, content.array_records["ranks"])
-    if problem is None and not np.array_equal(np.sort(content["ranks"]["ranks"].numpy()), np.arange(inputs)):
+    """Why a ranking reply must not count (None if it may): checked as a training reply is
+    (reply_guard), with one int64 array `ranks` that is a permutation of 0..inputs-1 and the
+    metrics `num-examples` (within its partition's size) and `partition-id`."""
+    problem = reply_problem({"ranks": ((inputs,), np.dtype(np.int64))}, reply,
+                            ReplyLimits(limits.example_caps, RANKING_METRICS), key="ranks")
+    if problem is None and not np.array_equal(np.sort(reply.content["ranks"]["ranks"].numpy()), np.arange(inputs)):
         problem = f"ranks is not a ranking of the {inputs} inputs (a permutation of 0..{inputs - 1})"
-    return problem or metrics_problem(content.metric_records["metrics"],
-                                      ReplyLimits(limits.example_caps, RANKING_METRICS))
+    return problem
 
 
 def aggregate_ranks(ranks: np.ndarray, weights: np.ndarray) -> np.ndarray:
