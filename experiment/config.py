@@ -159,6 +159,10 @@ class ExperimentConfig:
     # ---- the checks that need no registry ---------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key, its value and what is allowed."""
+        for f in dataclasses.fields(self):  # NaN passes every `<` check below, inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name.replace('_', '-')}={value} is not allowed: must be a finite number")
         at_least("num-clients", self.num_clients, 1)
         at_least("num-rounds", self.num_rounds, 1)
         at_least("checkpoint-every", self.checkpoint_every, 0)
@@ -194,13 +198,13 @@ class ExperimentConfig:
             raise ConfigError(f"aux-size={self.aux_size} is not allowed: 0 (the paper's size) or a positive count")
         if not 0 < self.neurotoxin_topk < 1:
             raise ConfigError(f"neurotoxin-topk={self.neurotoxin_topk} is not allowed: must satisfy 0 < value < 1")
-        if self.scaling_factor < 0:
+        if not self.scaling_factor >= 0:
             raise ConfigError(f"scaling-factor={self.scaling_factor} is not allowed: 0 (auto) or a factor > 0")
         positive("pgd-eps", self.pgd_eps)
         if not 0 < self.flain_aware_quantile < 1:
             raise ConfigError(f"flain-aware-quantile={self.flain_aware_quantile} is not allowed: "
                               "must satisfy 0 < value < 1")
-        if self.flain_aware_lambda < 0:
+        if not self.flain_aware_lambda >= 0:
             raise ConfigError(f"flain-aware-lambda={self.flain_aware_lambda} is not allowed: must be >= 0 (0 = off)")
         positive("rlr-eta", self.rlr_eta)
         at_least("rlr-theta", self.rlr_theta, 0)
@@ -213,7 +217,7 @@ class ExperimentConfig:
         unit_interval("invariant-threshold", self.invariant_threshold, low_open=False)
         if not 0 <= self.fedpruning_rate < 1:
             raise ConfigError(f"fedpruning-rate={self.fedpruning_rate} is not allowed: 0 (adaptive) or 0 < value < 1")
-        if self.fedpruning_extreme < 0:
+        if not self.fedpruning_extreme >= 0:
             raise ConfigError(f"fedpruning-extreme={self.fedpruning_extreme} is not allowed: must be >= 0 (0 = off)")
         at_least("fedpruning-finetune-rounds", self.fedpruning_finetune_rounds, 0)
         names = self.post_defense_names

@@ -109,7 +109,8 @@ def test_poisoning_rate_and_relabel(pdr):
 
 def test_malicious_clients_deterministic_and_sized():
     a = malicious_clients(10, 4, seed=42)
-    assert a == malicious_clients(10, 4, seed=42)
+    # pinned: the paper setting's attackers of seed 42 (a change here changes every run's attackers)
+    assert a == frozenset({0, 4, 6, 7})
     assert len(a) == 4 and all(0 <= i < 10 for i in a)
     assert malicious_clients(10, 0, seed=1) == frozenset()
     assert malicious_clients(10, 10, seed=1) == frozenset(range(10))

@@ -71,6 +71,7 @@ def test_candidate_counts_are_algorithm_1s_flipped_sets():
     assert candidate_counts(x, 0.001).tolist() == [0, 2, 4, 5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scores", ["crossfit", "split", "same"])
 def test_flain_cv_removes_the_planted_backdoor_within_tolerance(scores):
     model, initial, g = _backdoored_model("cpu")
@@ -80,8 +81,16 @@ def test_flain_cv_removes_the_planted_backdoor_within_tolerance(scores):
     state, info = FlainCV(tol=0.01, scores=scores, layer="fc1", seed=1).apply(PostTrainingInput(model, initial, aux_x, aux_y))
     acc, asr = _rates(_fresh(state, "cpu"), g, "cpu")
     assert asr < 0.05 and acc >= acc0 - 0.02, (acc, asr, info)  # Algorithm 1 lost 0.3+ here
-    assert info["flipped"] >= 1 and info["estimated_drop"] <= 0.01
-    assert np.argsort(_activations(model, aux_x, aux_y), kind="stable")[0] == BACKDOOR  # flipped first
+    # the defended weight, rebuilt by hand: the `flipped` quietest inputs (fc1 is the first
+    # layer: its inputs' mean activation is the aux features' mean) get w0 - dW, then the norm
+    order = np.argsort(aux_x.mean(0).double().numpy(), kind="stable")
+    assert order[0] == BACKDOOR and info["flipped"] >= 1  # the backdoor input is flipped first
+    w0, w = initial["fc1.weight"].double(), model.state_dict()["fc1.weight"].double()
+    want = w.clone()
+    for i in order[:info["flipped"]]:
+        want[:, i] = w0[:, i] - (w[:, i] - w0[:, i])
+    want *= torch.linalg.matrix_norm(w) / torch.linalg.matrix_norm(want)
+    assert torch.allclose(state["fc1.weight"].double(), want, rtol=1e-5, atol=1e-6)
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v) == (k != "fc1.weight"), k
 
@@ -102,6 +111,7 @@ def test_flain_cv_is_reproducible_from_its_seed():
     assert 1 <= a[1]["flipped"] < Z
 
 
+@pytest.mark.slow
 def test_flipping_every_input_is_reported_not_passed_off_as_a_choice():
     """tol 1 keeps the whole curve within tolerance: every input is flipped, and the result
     says so (exhausted) instead of looking like a chosen threshold."""

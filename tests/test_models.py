@@ -53,6 +53,7 @@ def test_paper_models_layer_shapes(dataset, shape, linears, convs):
         assert "bn1.running_mean" not in dict(model.named_parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["fmnist", "cifar10"])
 def test_predictions_do_not_depend_on_the_inference_batch(dataset):
     """The central evaluation runs at a cache-sized batch on a CPU: the same predictions, and

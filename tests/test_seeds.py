@@ -21,8 +21,13 @@ def test_purposes_and_seeds_do_not_share_streams():
     per_purpose = {p: seeds.int_seed(7, p, 3) for p in seeds.PURPOSES}
     assert len(set(per_purpose.values())) == len(seeds.PURPOSES)  # poison != subsample for one client
     assert seeds.int_seed(7, "poison", 3) != seeds.int_seed(8, "poison", 3)
-    assert seeds.int_seed(7, "poison", 3) == seeds.int_seed(7, "poison", 3)  # reproducible
-    assert np.array_equal(seeds.rng(1, "aux-split").permutation(10), seeds.rng(1, "aux-split").permutation(10))
+    # the documented derivation: SeedSequence(seed) spawned by (purpose id, keys...), and a
+    # pinned value (a renumbered purpose or a changed derivation changes every run's streams)
+    assert seeds.int_seed(7, "poison", 3) == int(
+        np.random.SeedSequence(entropy=7, spawn_key=(4, 3)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    assert seeds.int_seed(7, "poison", 3) == 6580839859764499286
+    assert np.array_equal(seeds.rng(1, "aux-split").permutation(10),
+                          np.random.default_rng(np.random.SeedSequence(1, spawn_key=(7,))).permutation(10))
     with pytest.raises(KeyError, match="unknown random purpose"):
         seeds.rng(1, "typo")
 

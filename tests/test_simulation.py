@@ -153,7 +153,6 @@ def test_artifacts(small_run):
     assert all(e["masked-share"] == pytest.approx(0.05, abs=0.005) and e["update-norm"] > 0 for e in log.values())
     flain = summary["post_defenses"]["flain"]
     assert flain["inputs"] == 9216 and 1 <= flain["flipped"] < 9216
-    assert flain["exhausted"] or flain["aux_acc_before"] - flain["aux_acc_at_stop"] >= 0.02  # Algorithm 1's stop
 
     fedpruning = summary["post_defenses"]["fedpruning"]
     assert fedpruning["clients"] == 2 and fedpruning["finetune_rounds"] == 1  # the liar's ranking did not count
@@ -164,6 +163,16 @@ def test_artifacts(small_run):
     assert not torch.equal(initial["fc1.weight"], final["fc1.weight"])
     for k in final:  # FLAIN changes tau's weight only
         assert torch.equal(final[k], defended[k]) == (k != "fc1.weight"), k
+    # each column of the defended fc1 is w0 + dW or w0 - dW, all scaled by one factor that
+    # gives back the trained norm; columns whose dW is zero cannot tell which
+    w0, w, got = (m["fc1.weight"].double() for m in (initial, final, defended))
+    assert torch.linalg.matrix_norm(got).item() == pytest.approx(torch.linalg.matrix_norm(w).item(), rel=1e-5)
+    scale = torch.linalg.matrix_norm(got) / torch.linalg.matrix_norm(w)  # 1, as just checked
+    kept = torch.isclose(got, scale * w, rtol=1e-4, atol=1e-6).all(0)
+    flipped = torch.isclose(got, scale * (2 * w0 - w), rtol=1e-4, atol=1e-6).all(0)
+    ambiguous = kept & flipped
+    assert bool((kept | flipped).all())  # no column is anything else
+    assert int((flipped & ~ambiguous).sum()) <= flain["flipped"] <= int(flipped.sum())
     tuned = torch.load(run_dir / "fedpruning.pt", weights_only=True)
     assert int((tuned["fc1.weight"] == 0).all(0).sum()) >= fedpruning["pruned"]  # still pruned after fine-tuning
     assert not torch.equal(tuned["fc2.weight"], final["fc2.weight"])  # fine-tuning trained the rest
@@ -183,7 +192,7 @@ def test_defend_reapplies_defenses_to_the_saved_models(small_run, capsys):
     assert summary["post_defenses"]["flain"]["flipped"] == run["post_defenses"]["flain"]["flipped"]
     assert summary["post_defenses"]["flain"]["acc"] == pytest.approx(run["post_defenses"]["flain"]["acc"], abs=1e-9)
     cv = summary["post_defenses"]["flain-cv"]
-    assert cv["estimated_drop"] <= 0.02 and 0 <= cv["flipped"] <= cv["inputs"]
+    assert 0 <= cv["flipped"] <= cv["inputs"]
     assert (out / "flain-cv.pt").is_file()
     capsys.readouterr()
     assert main(["table", str(run_dir)]) == 0
@@ -204,7 +213,6 @@ def test_reproduce_adopts_a_finished_training_and_adds_missing_defenses(small_ru
     ones are applied to its saved models, never by training again."""
     import shutil
 
-    from experiment.config import ExperimentConfig
     from launch import reproduce as rep
 
     _, run_dir = small_run
@@ -219,7 +227,8 @@ def test_reproduce_adopts_a_finished_training_and_adds_missing_defenses(small_ru
     merged = rep.results(copy)["post_defenses"]
     assert {"flain", "flain-cv", "pruning"} <= {k for k, v in merged.items() if "acc" in v}
     assert rep.complete_defenses(copy, cfg) == []  # nothing left to add
-    assert isinstance(cfg, ExperimentConfig)
+    own = json.loads((run_dir / "summary.json").read_text())["post_defenses"]
+    assert merged["flain"] == own["flain"]  # the run's own FLAIN is kept, not computed again
 
 
 def test_no_process_left_behind(small_run):

@@ -1,12 +1,12 @@
-"""The adaptive-attack table (README, "Adaptive attacks") from the run directories.
+"""The adaptive-attack table (docs/adaptive-attacks.md) from the run directories.
 
-  .venv/bin/python docs/attack_table.py [--dataset fmnist] [--runs runs] [--json docs/adaptive-attacks.json] [--readme README.md]
+  .venv/bin/python scripts/attack_table.py [--dataset fmnist] [--runs runs] [--json docs/adaptive-attacks.json] [--readme docs/adaptive-attacks.md]
 
 For each attack, `RUNS/attack-<attack>-<rule>/summary.json` (other data sets than fmnist:
 `RUNS/attack-<dataset>-<attack>-<rule>/`) with rule fedavg (no-Defense and every post-training
 defense on its final model), rlr and multikrum; a missing run is shown as "not run"
 (`attack-none-rlr` is a link to the reproduction's Table 1 (0,5) RLR training: the same
-configuration). The README table sits between `<!-- attack-table` markers (fmnist) or
+configuration). The page's table sits between `<!-- attack-table` markers (fmnist) or
 `<!-- attack-table-<dataset>` markers. Also what the malicious clients reported (attack_log): the mean L2 norm of the
 update they sent and of the one they trained, and the share of coordinates they froze.
 """

@@ -1,9 +1,9 @@
 """The fidelity study (docs/fidelity.md): what makes our FLAIN leave ASR the authors' code removes.
 
-  python docs/fidelity_study.py train  [--rounds 20] [--seeds 42,43,44] [--partitions iid-stratified,iid]
-                                       [--networks paper] [--task 0-5] [--out runs/fidelity]
-  python docs/fidelity_study.py defend [--out runs/fidelity] [--at 10,20]  # checkpoints, both protocols
-  python docs/fidelity_study.py report [--out runs/fidelity] [--md docs/fidelity]
+  python scripts/fidelity_study.py train  [--rounds 20] [--seeds 42,43,44] [--partitions iid-stratified,iid]
+                                       [--networks paper] [--tasks 0-5] [--out runs/fidelity]
+  python scripts/fidelity_study.py defend [--out runs/fidelity] [--at 10,20]  # checkpoints, both protocols
+  python scripts/fidelity_study.py report [--out runs/fidelity] [--md docs/fidelity]
 
 `train` runs the missing trainings one after another (resumable: a finished one is skipped,
 an unfinished one is run again), each with a checkpoint every 5 rounds. `defend` applies FLAIN
@@ -43,11 +43,11 @@ def _status(run_dir: Path) -> str:
 
 
 def train(args: argparse.Namespace) -> int:
-    plan = [(n, p, s) for s in args.seeds for p in args.partitions for n in args.networks]
-    source, target = args.task.split("-")
+    plan = [(n, p, t, s) for s in args.seeds for t in args.tasks for p in args.partitions for n in args.networks]
     started, done = time.monotonic(), 0
-    for i, (network, partition, seed) in enumerate(plan, 1):
-        run_dir = Path(args.out) / _name(network, partition, args.task, seed)
+    for i, (network, partition, task, seed) in enumerate(plan, 1):
+        source, target = task.split("-")
+        run_dir = Path(args.out) / _name(network, partition, task, seed)
         if _status(run_dir) in ("completed", "defense-failed"):
             print(f"[{i}/{len(plan)}] {run_dir.name}: finished, kept", flush=True)
             continue
@@ -98,7 +98,8 @@ def collect(out: Path) -> list[dict]:
             protocol, rnd = label_dir.name.removeprefix("fidelity-").split("@round-")
             base = summary["no_defense"]
             for defense, result in summary["post_defenses"].items():
-                rows.append({"run": run_dir.name, "network": config["network"], "partition": config["partition"],
+                rows.append({"run": run_dir.name, "task": f"{config['source-label']}-{config['target-label']}",
+                         "network": config["network"], "partition": config["partition"],
                              "seed": config["seed"], "round": int(rnd), "protocol": protocol, "defense": defense,
                              "acc": base["acc"], "asr": base["asr"], "flain_acc": result["acc"],
                              "flain_asr": result["asr"], "cost": base["acc"] - result["acc"],
@@ -121,9 +122,9 @@ def report(args: argparse.Namespace) -> int:
     (md / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["network"], r["partition"], r["protocol"], r["defense"], r["round"]), []).append(r)
-    lines = ["| network | partition | protocol | defense | round | seeds | no-Defense ACC | no-Defense ASR "
-             "| defended ASR | ACC cost | flipped |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        groups.setdefault((r["task"], r["network"], r["partition"], r["protocol"], r["defense"], r["round"]), []).append(r)
+    lines = ["| task | network | partition | protocol | defense | round | seeds | no-Defense ACC | no-Defense ASR "
+             "| defended ASR | ACC cost | flipped |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in sorted(groups):
         g = groups[key]
         lines.append(f"| {' | '.join(map(str, key))} | {','.join(str(r['seed']) for r in g)} | "
@@ -144,8 +145,8 @@ def _plot(groups: dict[tuple, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple, list[tuple[int, float, float]]] = {}
-    for (network, partition, protocol, defense, rnd), g in groups.items():
-        series.setdefault((network, partition, protocol, defense), []).append(
+    for (task, network, partition, protocol, defense, rnd), g in groups.items():
+        series.setdefault((task, network, partition, protocol, defense), []).append(
             (rnd, statistics.mean(r["flain_asr"] for r in g), statistics.mean(r["cost"] for r in g)))
     for key, points in sorted(series.items()):
         points.sort()
@@ -171,7 +172,7 @@ def main() -> int:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44])
     p.add_argument("--partitions", type=lambda s: s.split(","), default=["iid-stratified", "iid"])
     p.add_argument("--networks", type=lambda s: s.split(","), default=["paper"])
-    p.add_argument("--task", default="0-5")
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=["0-5"], help="source-target pairs, e.g. 0-5,0-6")
     p.add_argument("--at", type=lambda s: [int(x) for x in s.split(",")], default=[],
                    help="defend: only the checkpoints of these rounds (default: every one)")
     args = p.parse_args()

@@ -5,7 +5,7 @@ flipping order (inputs of tau by ascending clean aux activation, each model resc
 Algorithm 1 returns it), and where each candidate stop rule lands on that curve. The rules
 see only the clean aux set; the test images (clean and triggered) only score them.
 
-    .venv/bin/python docs/stop_rule_study.py runs/A runs/B ... [--out docs/stop-rule-study]
+    .venv/bin/python scripts/stop_rule_study.py runs/A runs/B ... [--out docs/stop-rule-study]
 """
 
 from __future__ import annotations
