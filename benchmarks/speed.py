@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiment.config import ExperimentConfig, default_run_config, parse_overrides  # noqa: E402
+from experiment.data import num_rounds  # noqa: E402
 
 
 # ---- (a) the floor ------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = ExperimentConfig.from_run_config(default_run_config() | parse_overrides(args.set))
     cores = len(os.sched_getaffinity(0))
-    rounds = args.rounds or cfg.num_rounds
+    rounds = args.rounds or num_rounds(cfg)
     print(f"speed benchmark: {cores} cores, torch {torch.__version__}, {cfg.num_clients} clients of {cfg.dataset}")
 
     if not args.skip_run:

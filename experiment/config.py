@@ -43,7 +43,7 @@ class ExperimentConfig:
     min_clients: int = 0  # 0: half of num-clients, rounded up
     round_timeout: float = 600.0
     max_examples: int = 0  # 0: a client's partition size, as the server computes it
-    num_rounds: int = 10
+    num_rounds: int = 0  # 0: the data set's training length (experiment/data.py)
     checkpoint_every: int = 0  # K: save the global model every K rounds (0: only the final one)
     local_epochs: int = 1
     batch_size: int = 256
@@ -164,7 +164,7 @@ class ExperimentConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name.replace('_', '-')}={value} is not allowed: must be a finite number")
         at_least("num-clients", self.num_clients, 1)
-        at_least("num-rounds", self.num_rounds, 1)
+        at_least("num-rounds", self.num_rounds, 0)
         at_least("checkpoint-every", self.checkpoint_every, 0)
         if not 0 <= self.min_clients <= self.num_clients:
             raise ConfigError(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from experiment.config import ConfigError, ExperimentConfig, default_run_config, parse_overrides
-from experiment.data import DATASETS, DataUnavailable, fetch, present
+from experiment.data import DATASETS, DataUnavailable, fetch, num_rounds, present
 from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table, read_run
 from server.checks import check_experiment
 from server.results import (SUMMARY_FILE, RunFileError, atomic_text, check_name, clear, end_status, is_run_dir,
@@ -115,7 +115,7 @@ def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
 def run_deadline(cfg: ExperimentConfig) -> float:
     """Seconds after which a run is given up: start-up, every round waiting its full
     `round-timeout` plus a central evaluation, and the post-training defenses."""
-    return 600 + cfg.num_rounds * (cfg.round_timeout + 300) + 7200
+    return 600 + num_rounds(cfg) * (cfg.round_timeout + 300) + 7200
 
 
 def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[str, Any],
@@ -136,7 +136,7 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
 
     started = time.perf_counter()
     where = f"{nodes} SuperNodes{' with TLS and node authentication' if tls else ''}" if nodes else "simulation"
-    print(f"flain: {cfg.num_clients} clients, {cfg.num_rounds} rounds, {where}; results in {run_dir}", flush=True)
+    print(f"flain: {cfg.num_clients} clients, {num_rounds(cfg)} rounds, {where}; results in {run_dir}", flush=True)
     try:
         with private_superlink(simulation=not nodes, tls=tls) as link:
             fed = Federation(link, nodes, link.tls) if nodes else None

@@ -25,15 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from experiment.config import ConfigError, ExperimentConfig, default_run_config
+from experiment.data import DATASETS
 from server.checks import check_experiment
 from server.results import CONFIG_FILE, DEFENDED_DIR, SUMMARY_FILE, RunFileError, read_json
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 NAMES = ("table1", "table2", "table3", "table4", "table5", "table6", "fig5", "fig6")
-# Rounds per table. The paper does not state them (the authors' code defaults to 150); 10
-# rounds take 4-8 minutes a training on 2 CPU cores. The report puts every training's
-# no-Defense ACC beside the paper's, so a shorter training shows as such.
-DEFAULT_ROUNDS = {name: 10 for name in NAMES}
+# Rounds: each data set's training length (experiment/data.py, chosen from the measured
+# curves in docs/fidelity.md), stated per training and per data set in the report.
 DEFAULT_SEED = 42  # --seeds N uses 42, 43, ..., 42 + N - 1
 POST_DEFENSES = "flain,flain-cv,pruning"  # every FedAvg training gives these rows
 ROW_SOURCE = {"no-Defense": ("fedavg", None), "Pruning": ("fedavg", "pruning"), "FLAIN": ("fedavg", "flain"),
@@ -103,9 +102,10 @@ def plan(cells: list[Cell], seeds: int, extra: dict[str, Any]) -> list[Training]
     for cell in cells:
         aggregation = ROW_SOURCE.get(cell.defense, ("fedavg", None))[0]
         for seed in range(DEFAULT_SEED, DEFAULT_SEED + seeds):
-            overrides = {**cell.setting(), "num-rounds": DEFAULT_ROUNDS[cell.table], "aggregation": aggregation,
+            overrides = {**cell.setting(), "num-rounds": DATASETS[cell.dataset].rounds, "aggregation": aggregation,
                          "post-defenses": POST_DEFENSES if aggregation == "fedavg" else "", "seed": seed, **extra}
-            named = ("dataset", "source-label", "target-label", "aggregation", "seed", "post-defenses", "data-dir")
+            named = ("dataset", "source-label", "target-label", "aggregation", "seed", "post-defenses", "data-dir",
+                     "num-rounds")
             name = f"{cell.dataset}_{cell.task}_{aggregation}_s{seed}" + "".join(
                 f"_{k}={v}" for k, v in sorted(overrides.items()) if k not in named and default_run_config().get(k) != v)
             training = trainings.setdefault(name, Training(name, overrides))
@@ -317,7 +317,8 @@ def report(trainings: list[Training], out: Path) -> dict[str, Any]:
                 entry["diff"] = {"asr": asr - cell.asr, "acc": acc - cell.acc}
                 entry["within_tolerance"] = asr <= cell.asr + TOLERANCE["asr"] and acc >= cell.acc - TOLERANCE["acc"]
         cells_out.append(entry)
-    return {"tolerance": TOLERANCE, "rounds": {t: DEFAULT_ROUNDS[t] for t in NAMES}, "cells": cells_out,
+    used = sorted({c.dataset for c in by_cell})
+    return {"tolerance": TOLERANCE, "rounds": {d: DATASETS[d].rounds for d in used}, "cells": cells_out,
             "trainings": trainings_out}
 
 
@@ -331,7 +332,9 @@ def markdown(data: dict[str, Any]) -> str:
     lines = ["# FLAIN reproduction report", "",
              "Paper: Ding et al., Tables 1-6 (Fig. 5/6 settings only: the paper draws those numbers). Ours: mean ± std "
              f"over seeds. A cell is within tolerance when ASR <= paper + {TOLERANCE['asr']} and ACC >= paper - "
-             f"{TOLERANCE['acc']}. Cells with no finished training say \"not run\".", ""]
+             f"{TOLERANCE['acc']}. Cells with no finished training say \"not run\".", "",
+             "Training length (rounds; the data set's default, chosen in docs/fidelity.md): "
+             + ", ".join(f"{d} {r}" for d, r in data.get("rounds", {}).items()) + ".", ""]
     tables = sorted({c["table"] for c in data["cells"]}, key=NAMES.index)
     for table in tables:
         lines += [f"## {table}", "", "| dataset | task | partition | clients | MCR | PDR | trigger | defense | paper ASR "
@@ -414,8 +417,9 @@ def listing() -> str:
     lines = []
     for name in (*NAMES, "all"):
         chosen = select(cells, name, None, None)
+        lengths = ", ".join(f"{d} {DATASETS[d].rounds}" for d in sorted({c.dataset for c in chosen}))
         lines.append(f"{name:<8} {len(chosen):4d} cells  {len(plan(chosen, 1, {})):4d} trainings per seed "
-                     f"({DEFAULT_ROUNDS.get(name, 10)} rounds)")
+                     f"(rounds: {lengths})")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from attacks import malicious_clients, trigger_scheme
 from experiment.config import ExperimentConfig
-from experiment.data import DATASETS, aux_split, load, partition_sizes, to_float
+from experiment.data import DATASETS, aux_split, load, num_rounds, partition_sizes, to_float
 from experiment.hardware import pick_device, training_precision
 from experiment.seeds import int_seed
 from models import build_model
@@ -39,6 +39,10 @@ app = ServerApp()
 
 class TrainingProducedNoModel(RuntimeError):
     """No round aggregated a single client reply."""
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> None:
@@ -100,6 +104,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     model = build_model(cfg.dataset, cfg.network)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     recorder.save_model("initial", initial_state)
+    rounds = num_rounds(cfg)
     clock = {"t": time.perf_counter()}  # the end of the last round (round 0: its evaluation's start)
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
@@ -112,8 +117,11 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
         m = evaluator(state)
         now = time.perf_counter()
         recorder.round(rnd, m["acc"], m["asr"], now - clock["t"], now - started)
-        log(INFO, "[flain] round %d/%d  acc=%.4f  asr=%.4f  (%.1fs, evaluation %.1fs)", rnd, cfg.num_rounds,
-            m["acc"], m["asr"], now - clock["t"], now - started)
+        if rnd:
+            clock["trained"] = clock.get("trained", 0.0) + now - clock["t"]
+        eta = clock.get("trained", 0.0) / max(rnd, 1) * (rounds - rnd)
+        log(INFO, "[flain] round %d/%d  acc=%.4f  asr=%.4f  (%.1fs, evaluation %.1fs; about %s left in training)",
+            rnd, rounds, m["acc"], m["asr"], now - clock["t"], now - started, _minutes(eta) if rnd else "?")
         clock["t"] = now
         return MetricRecord(m)
 
@@ -122,7 +130,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     # Clients send the whole state_dict (parameters and buffers); see models/__init__.py.
     buffers = frozenset(name for name, _ in model.named_buffers())
     strategy = AGGREGATIONS[cfg.aggregation](cfg, buffers, reply_limits(cfg))
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=cfg.num_rounds,
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds,
                             timeout=cfg.round_timeout, evaluate_fn=evaluate)
     if not result.arrays:
         raise TrainingProducedNoModel("no round produced an aggregated model: every client failed or was refused")
@@ -133,7 +141,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     trained = build_model(cfg.dataset, cfg.network).to(device)
     trained.load_state_dict(final_state)
     inp = PostTrainingInput(model=trained, initial_state=initial_state, aux_images=images_aux,
-                            aux_labels=labels[aux_idx], grid=grid, strategy=strategy, last_round=cfg.num_rounds)
+                            aux_labels=labels[aux_idx], grid=grid, strategy=strategy, last_round=rounds)
     failed = apply_post_defenses(cfg, inp, evaluator, recorder)
     recorder.finish(client_failures=getattr(strategy, "failures", []), failed_defenses=failed,
                     attack_log=getattr(strategy, "attack_log", []))

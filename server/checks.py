@@ -39,6 +39,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
 def resolved_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """What the automatic settings (0 / -1 / auto) become in this run."""
     return {
+        "num-rounds": data.num_rounds(cfg),
         "aux-size": data.aux_size(cfg),
         "min-clients": cfg.min_replies,
         "num-malicious": cfg.num_malicious,

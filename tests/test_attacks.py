@@ -114,4 +114,6 @@ def test_malicious_clients_deterministic_and_sized():
     assert len(a) == 4 and all(0 <= i < 10 for i in a)
     assert malicious_clients(10, 0, seed=1) == frozenset()
     assert malicious_clients(10, 10, seed=1) == frozenset(range(10))
+    with pytest.raises(ValueError, match=r"num_malicious=11 not in 0\.\.10"):
+        malicious_clients(10, 11, seed=1)
     assert len({malicious_clients(10, 4, seed=s) for s in range(20)}) > 1

@@ -118,6 +118,13 @@ def test_rlr_fixed_theta_above_the_replies_refuses_the_round():
     assert np.allclose(arrays["fc.weight"].numpy(), 1.0) and len(strategy.failures) == 1
 
 
+def test_a_fixed_rlr_theta_is_logged_as_given(caplog):
+    caplog.set_level("INFO", logger="flwr")
+    cfg = ExperimentConfig.defaults(num_clients=N, aggregation="rlr", rlr_theta=5, rlr_eta=0.5)
+    AGGREGATIONS["rlr"](cfg, frozenset(), LIMITS).summary()
+    assert "theta: 5" in caplog.text and "eta: 0.5" in caplog.text and "auto" not in caplog.text
+
+
 @pytest.mark.parametrize("name,expected", [("rlr", ["RobustLR settings", "theta: auto", "eta: 1.0"]),
                                            ("invariant", ["InvariantAggregator settings",
                                                           "sign-agreement threshold: 0.6", "trimmed-mean beta: 0.1"])])
