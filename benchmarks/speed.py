@@ -24,8 +24,6 @@ Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import multiprocessing as mp
 import os
 import re
@@ -42,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiment.config import ExperimentConfig, default_run_config, parse_overrides  # noqa: E402
 from experiment.data import num_rounds  # noqa: E402
+from server.results import RunDir  # noqa: E402
 
 
 # ---- (a) the floor ------------------------------------------------------------------------
@@ -116,10 +115,11 @@ def flain_run(overrides: list[str], rounds: int, workdir: Path) -> dict[str, flo
     total = time.perf_counter() - started
     if proc.returncode not in (0, 4):
         raise SystemExit(f"flain run failed ({proc.returncode})")
-    rows = list(csv.DictReader((run_dir / "rounds.csv").open()))
-    seconds = [float(r["seconds"]) for r in rows if int(r["round"]) > 0]
-    evaluation = [float(r["eval_seconds"]) for r in rows if int(r["round"]) > 0]
-    config = json.loads((run_dir / "config.json").read_text())
+    run = RunDir(run_dir)
+    rows = run.rounds()
+    seconds = [r["seconds"] for r in rows if r["round"] > 0]
+    evaluation = [r["eval_seconds"] for r in rows if r["round"] > 0]
+    config = run.config()
     return {"startup": first_round or float("nan"), "marks": marks, "rounds": seconds, "evaluation": evaluation, "total": total,
             "after_last_round": total - (last_round_end or total), "precision": config["resolved"]["precision"]}
 

@@ -46,6 +46,7 @@ from launch.compose import COMPOSE_PORT
 from launch.superlink import CONNECTION, SOURCE_ROOT, RunFailed, SuperLink, app_directory, free_port, write_run_config
 from launch.tls import Tls, make_node_key, make_tls
 from launch.versions import VersionMismatch, check_installed, flwr_pin, same_release
+from server.results import RunDir
 
 HERE = Path(__file__).resolve().parent
 VERSION = flwr_pin()
@@ -422,10 +423,12 @@ def _answers(link: SuperLink) -> bool:
 def check_results(run_dir: Path, killed: bool) -> None:
     if not killed:
         raise Failed("round 1 never finished, so no SuperNode was killed")
-    for name in ("summary.json", "config.json", "final.pt", "flain.pt", "initial.pt"):
-        if not (run_dir / name).is_file():
-            raise Failed(f"{name} did not land on the host in {run_dir} (found: {sorted(os.listdir(run_dir))})")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run = RunDir(run_dir)
+    for path in (run.summary_file, run.config_file, run.model_file("final"), run.model_file("flain"),
+                 run.model_file("initial")):
+        if not path.is_file():
+            raise Failed(f"{path.name} did not land on the host in {run_dir} (found: {sorted(os.listdir(run_dir))})")
+    summary = run.summary()
     if summary.get("status") != "completed":
         raise Failed(f"summary.json status is {summary.get('status')!r}")
     failures = summary.get("client_failures", [])

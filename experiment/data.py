@@ -260,7 +260,7 @@ def load_cifar10(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tenso
 # Training lengths (rounds) measured on the paper's setting, task (0,5)/(0,6)/(0,7), 10 IID
 # clients (docs/fidelity.md); EMNIST and CIFAR-10 are not measured yet and keep 10.
 FMNIST_ROUNDS = 30
-MNIST_ROUNDS = 10
+MNIST_ROUNDS = 20
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("mnist", 10, (1, 28, 28), 60000, 10000, 200, (0.1307,), (0.3081,), fetch_mnist, load_mnist,
                          rounds=MNIST_ROUNDS),

@@ -33,10 +33,19 @@ from experiment.config import ConfigError, ExperimentConfig, default_run_config,
 from experiment.data import DATASETS, DataUnavailable, fetch, num_rounds, present
 from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table, read_run
 from server.checks import check_experiment
-from server.results import (SUMMARY_FILE, RunFileError, atomic_text, check_name, clear, end_status, is_run_dir,
-                            read_json)
+from launch.superlink import RunFailed
+from server.results import RunDir, RunFileError, atomic_text, check_name, clear, end_status, is_run_dir
 
 EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+# The one place an error becomes an exit code and a one-line message (first match wins).
+# Commands raise; they return only outcomes (0, or EXIT_DEFENSE_FAILED: trained, a defense raised).
+ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (ConfigError, EXIT_CONFIG, "configuration error"),
+    (NotARunDirectory, EXIT_CONFIG, "configuration error"),
+    (RunFileError, EXIT_CONFIG, "configuration error"),  # a file the user pointed at
+    (DataUnavailable, EXIT_DATA, "data error"),
+    (RunFailed, EXIT_RUN_FAILED, "run failed"),
+)
 
 # log lines shown without --verbose: our per-round progress, Flower's round headers, problems
 _PROGRESS = re.compile(r"\[flain\]|\[ROUND \d+/\d+\]|Run directory|ERROR|Error|Traceback|failures")
@@ -81,7 +90,7 @@ def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
                           "choose a new or empty directory (--name or --set run-dir=...)")
     if not overwrite:
         try:
-            status = read_json(run_dir / SUMMARY_FILE).get("status", "unknown")
+            status = RunDir(run_dir).summary().get("status", "unknown")
         except RunFileError:
             status = "unreadable"
         raise ConfigError(f"run-dir='{run_dir}' already holds a run (status {status!r}): "
@@ -89,24 +98,16 @@ def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
 
 
 def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
-    """The checked configuration with its data in place, or an exit code."""
-    try:
-        if args.name is not None:
-            check_name(args.name)
-        cfg = resolve(parse_overrides(args.set) | forced, args.name)
-        check_paths(cfg, args.overwrite)
-    except (ConfigError, RunFileError) as exc:
-        print(f"flain: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    """The checked configuration with its data in place, or 0 after a dry run."""
+    if args.name is not None:
+        check_name(args.name)
+    cfg = resolve(parse_overrides(args.set) | forced, args.name)
+    check_paths(cfg, args.overwrite)
     if args.dry_run:
         print(json.dumps(cfg.to_run_config(), indent=2))
         return 0
     print(f"flain: preparing {cfg.dataset} in {cfg.data_dir}", flush=True)
-    try:
-        fetch(cfg.dataset, cfg.data_dir)
-    except DataUnavailable as exc:
-        print(f"flain: data error: {exc}", file=sys.stderr)
-        return EXIT_DATA
+    fetch(cfg.dataset, cfg.data_dir)
     if args.overwrite:
         clear(Path(cfg.run_dir))  # checked above: ours, or empty
     return cfg
@@ -122,7 +123,7 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
              nodes: int = 0, tls: bool = False) -> int:
     """Run the app on a private SuperLink: simulation (nodes=0) or `nodes` real SuperNodes."""
     from launch.deploy import Federation
-    from launch.superlink import RunFailed, app_directory, private_superlink, write_run_config
+    from launch.superlink import app_directory, private_superlink, write_run_config
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,29 +161,25 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
     except (RunFailed, RuntimeError) as exc:
         end_status(run_dir, "failed", str(exc).splitlines()[0])
         print("\n".join(["", "flain: last log lines:", *tail]), file=sys.stderr)
-        print(f"flain: run failed: {exc}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+        raise RunFailed(str(exc)) from None
 
     try:
-        summary = read_json(run_dir / SUMMARY_FILE, ("status", "final"))
+        summary = RunDir(run_dir).summary(("status", "final"))
     except RunFileError as exc:
-        print(f"flain: run failed: {exc}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+        raise RunFailed(str(exc)) from None
     print(f"\nflain: finished in {time.perf_counter() - started:.0f}s; results in {run_dir}\n")
     print(format_table(summary))
     if summary.get("status") == "defense-failed":
         failed = ", ".join(summary.get("failed_defenses", []))
         print(f"flain: training completed but post-training defense(s) FAILED: {failed} "
-              f"(see the log above and {run_dir / 'summary.json'})", file=sys.stderr)
+              f"(see the log above and {RunDir(run_dir).summary_file})", file=sys.stderr)
         return EXIT_DEFENSE_FAILED
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.gpu_share is not None and not 0 < args.gpu_share <= 1:
-        print(f"flain: configuration error: --gpu-share {args.gpu_share} is not allowed: must satisfy 0 < value <= 1",
-              file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError(f"--gpu-share {args.gpu_share} is not allowed: must satisfy 0 < value <= 1")
     cfg = _prepare(args)
     if isinstance(cfg, int):
         return cfg
@@ -192,8 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("flain: --gpu given but no CUDA device is visible", file=sys.stderr)
-            return EXIT_CONFIG
+            raise ConfigError("--gpu given but no CUDA device is visible")
         if args.gpu_share is None:  # from the GPU's free memory and a measured training step
             import os
 
@@ -210,12 +206,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.nodes < 1:
-        print(f"flain: configuration error: --nodes {args.nodes} is not allowed: must be >= 1", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError(f"--nodes {args.nodes} is not allowed: must be >= 1")
     if any(pair.partition("=")[0].strip() == "num-clients" for pair in args.set):
-        print("flain: configuration error: num-clients is --nodes in a deployment (one client per SuperNode)",
-              file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError("num-clients is --nodes in a deployment (one client per SuperNode)")
     cfg = _prepare(args, **{"num-clients": args.nodes})
     if isinstance(cfg, int):
         return cfg
@@ -224,13 +217,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
     if args.name not in DATASETS:
-        print(f"flain: unknown data set {args.name!r}; choose one of {sorted(DATASETS)}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        fetch(args.name, Path(args.data_dir).resolve())
-    except DataUnavailable as exc:
-        print(f"flain: data error: {exc}", file=sys.stderr)
-        return EXIT_DATA
+        raise ConfigError(f"unknown data set {args.name!r}; choose one of {sorted(DATASETS)}")
+    fetch(args.name, Path(args.data_dir).resolve())
     print(f"flain: {args.name} is ready in {Path(args.data_dir).resolve()}")
     return 0
 
@@ -243,8 +231,7 @@ def cmd_triggers(args: argparse.Namespace) -> int:
     from experiment.data import load
 
     if args.dataset not in DATASETS:
-        print(f"flain: unknown data set {args.dataset!r}; choose one of {sorted(DATASETS)}", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError(f"unknown data set {args.dataset!r}; choose one of {sorted(DATASETS)}")
     spec = DATASETS[args.dataset]
     try:
         images, labels = load(args.dataset, str(Path(args.data_dir).resolve()), False)
@@ -259,11 +246,7 @@ def cmd_triggers(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     """Markdown table of ACC/ASR for finished runs, side by side."""
-    try:
-        print(markdown_table(comparison_rows([Path(d) for d in args.runs])))
-    except NotARunDirectory as exc:
-        print(f"flain: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    print(markdown_table(comparison_rows([Path(d) for d in args.runs])))
     return 0
 
 
@@ -272,19 +255,12 @@ def cmd_defend(args: argparse.Namespace) -> int:
     from launch.defend import defend
 
     run_dir = Path(args.run_dir)
-    try:
-        overrides = parse_overrides(args.set)
-        defenses = [n.strip() for n in args.post_defenses.split(",") if n.strip()]
-        if args.name is not None:
-            check_name(args.name)
-        out, summary = defend(run_dir, defenses, overrides, args.name, args.overwrite, args.round)
-        _, run_summary = read_run(run_dir)
-    except (ConfigError, NotARunDirectory, RunFileError) as exc:
-        print(f"flain: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except DataUnavailable as exc:
-        print(f"flain: data error: {exc}", file=sys.stderr)
-        return EXIT_DATA
+    overrides = parse_overrides(args.set)
+    defenses = [n.strip() for n in args.post_defenses.split(",") if n.strip()]
+    if args.name is not None:
+        check_name(args.name)
+    out, summary = defend(run_dir, defenses, overrides, args.name, args.overwrite, args.round)
+    _, run_summary = read_run(run_dir)
     recheck = summary["no_defense"]
     if args.round is None and abs(recheck["acc"] - run_summary["final"]["acc"]) > 1e-6:
         print(f"flain: warning: the final model scores ACC {recheck['acc']:.4f} here but {run_summary['final']['acc']:.4f} "
@@ -305,24 +281,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(rep.listing())
         return 0
     if not args.name:
-        print(f"flain: configuration error: give NAME (one of {[*rep.NAMES, 'all']}) or --list", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError(f"give NAME (one of {[*rep.NAMES, 'all']}) or --list")
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
-    try:
-        if args.seeds < 1:
-            raise ConfigError(f"--seeds {args.seeds} is not allowed: must be >= 1")
-        if args.jobs < 1:
-            raise ConfigError(f"--jobs {args.jobs} is not allowed: must be >= 1")
-        extra = parse_overrides(args.set)
-        for key in extra:
-            if key in ("run-dir", "seed"):
-                raise ConfigError(f"{key} is set by flain reproduce (runs under --out, --seeds): do not --set it")
-        cells = rep.check_selection(args.name, split(args.datasets), split(args.tasks))
-        trainings = rep.plan(cells, args.seeds, extra)
-        configs = {t.name: rep.resolved(t) for t in trainings}  # every training checked before any starts
-    except ConfigError as exc:
-        print(f"flain: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} is not allowed: must be >= 1")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs} is not allowed: must be >= 1")
+    extra = parse_overrides(args.set)
+    for key in extra:
+        if key in ("run-dir", "seed"):
+            raise ConfigError(f"{key} is set by flain reproduce (runs under --out, --seeds): do not --set it")
+    cells = rep.check_selection(args.name, split(args.datasets), split(args.tasks))
+    trainings = rep.plan(cells, args.seeds, extra)
+    configs = {t.name: rep.resolved(t) for t in trainings}  # every training checked before any starts
     out = Path(args.out)
     if args.dry_run:
         for t in trainings:
@@ -331,17 +302,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"{len(cells)} cells, {len(trainings)} trainings")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        fetch(configs[trainings[0].name].dataset, configs[trainings[0].name].data_dir) if trainings else None
-    except DataUnavailable as exc:
-        print(f"flain: data error: {exc}", file=sys.stderr)
-        return EXIT_DATA
+    if trainings:
+        fetch(configs[trainings[0].name].dataset, configs[trainings[0].name].data_dir)
     try:
         status = rep.sweep(trainings, out, args.jobs, args.gpu, run=not args.report_only)
         data = rep.report(trainings, out)
-    except RunFileError as exc:
-        print(f"flain reproduce: {exc}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+    except RunFileError as exc:  # a run of the sweep's own, not a file the user named
+        raise RunFailed(str(exc)) from None
     data["status"] = status
     atomic_text(out / "report.json", json.dumps(data, indent=1) + "\n")
     atomic_text(out / "report.md", rep.markdown(data))
@@ -358,8 +325,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from launch.versions import flwr_pin
 
     if args.nodes < 1:
-        print(f"flain: configuration error: --nodes {args.nodes} is not allowed: must be >= 1", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError(f"--nodes {args.nodes} is not allowed: must be >= 1")
     Path(args.out).write_text(compose_yaml(args.nodes, flwr_pin()))
     print(f"flain: wrote {args.out} ({args.nodes} SuperNodes)")
     if args.certs:
@@ -474,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except tuple(kind for kind, _, _ in ERRORS) as exc:
+        code, what = next((code, what) for kind, code, what in ERRORS if isinstance(exc, kind))
+        print(f"flain: {what}: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -10,28 +10,22 @@ and is refused.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from attacks import trigger_scheme
 from experiment.config import ConfigError, ExperimentConfig, default_run_config
-from experiment.data import aux_size, aux_split, load, split_test, to_float
+from experiment.data import aux_size, aux_split, load, split_test
 from experiment.hardware import pick_device
 from launch.tables import read_run
 from models import build_model
-from server.app import apply_post_defenses
+from strategies import POST_DEFENSES
+from server.post_training import apply_post_defenses, make_evaluator, post_training_input
 from server.checks import check_experiment
-from server.evaluation import Evaluator
-from server.results import (AUX_FILE, DEFENDED_DIR, check_name, checkpoint_file, checkpoint_rounds, clear,
-                            end_status, load_state, mark, model_file, read_aux, save_state, write_summary)
-from strategies.post_training import PostTrainingInput
+from server.results import DefendRecorder, RunDir, clear, end_status
 
-NEEDS_CLIENTS = ("fedpruning",)
 
 
 AUX_KEYS = ("aux-draw", "aux-size")  # the server's aux set: drawn again when either is given
@@ -52,7 +46,7 @@ def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: di
             raise ConfigError(f"{key} is a training setting: it cannot change for a finished run "
                               "(only flain-* settings and data-dir can); train again with `flain run`")
     for name in defenses:
-        if name in NEEDS_CLIENTS:
+        if name in POST_DEFENSES and POST_DEFENSES[name].needs_clients:
             raise ConfigError(f"post-defenses={name!r} asks the clients for their activation rankings in an "
                               "extra federated round: it cannot run on a saved model; run it with "
                               f"`flain run --set post-defenses={name}`")
@@ -62,15 +56,15 @@ def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: di
     return cfg
 
 
-def aux_indices(run_dir: Path, run_config: dict[str, Any], cfg: ExperimentConfig, labels: np.ndarray,
+def aux_indices(run: RunDir, run_config: dict[str, Any], cfg: ExperimentConfig, labels: np.ndarray,
                 overrides: dict[str, Any]) -> tuple[np.ndarray, str]:
     """The aux indices in the test split, and where they came from: drawn as `aux-draw` and
     `aux-size` say when either is overridden, else the run's own."""
     test_size = len(labels)
     if any(key in overrides for key in AUX_KEYS):
         return aux_split(cfg, labels)[0], f"aux-draw={cfg.aux_draw}, aux-size={aux_size(cfg)}"
-    if (run_dir / AUX_FILE).is_file():
-        return read_aux(run_dir / AUX_FILE, test_size), AUX_FILE
+    if run.aux_file.is_file():
+        return run.aux(test_size), run.aux_file.name
     size = aux_size(cfg)
     if "aux-size" in run_config.get("resolved", {}):  # runs of the SeedSequence code, before aux.npy
         return split_test(test_size, size, cfg.seed)[0], "seeds.rng(seed, 'aux-split')"
@@ -78,40 +72,16 @@ def aux_indices(run_dir: Path, run_config: dict[str, Any], cfg: ExperimentConfig
     return np.sort(np.random.default_rng(cfg.seed).permutation(test_size)[:size]), "np.random.default_rng(seed)"
 
 
-class DefendRecorder:
-    """RUN_DIR/defended/<label>/: summary.json and the defended models."""
-
-    def __init__(self, out: Path, info: dict[str, Any]) -> None:
-        self.dir = out
-        mark(self.dir, "defended")
-        self.summary: dict[str, Any] = {"status": "running", **info, "post_defenses": {}}
-        self._write()
-
-    def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
-        return save_state(self.dir / f"{name}.pt", state)
-
-    def post_defense(self, name: str, result: dict[str, Any]) -> None:
-        self.summary["post_defenses"][name] = result
-        self._write()
-
-    def finish(self, failed: list[str]) -> dict[str, Any]:
-        self.summary.update(status="defense-failed" if failed else "completed", failed_defenses=failed)
-        self._write()
-        return self.summary
-
-    def _write(self) -> None:
-        write_summary(self.dir, self.summary)
-
-
 def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label: str | None,
            overwrite: bool = False, rnd: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Apply `defenses` to RUN_DIR's final model, or to its checkpoint of round `rnd`;
     (output directory, its summary)."""
     run_config, summary = read_run(run_dir)
+    run = RunDir(run_dir)
     cfg = defend_config(run_config, defenses, overrides)
     trained = "final"
     if rnd is not None:
-        saved = checkpoint_rounds(run_dir)
+        saved = run.checkpoint_rounds()
         if rnd not in saved:
             raise ConfigError(f"{run_dir} has no checkpoint of round {rnd}: it saved rounds {saved or 'none'} "
                               "(train with --set checkpoint-every=K)")
@@ -119,27 +89,24 @@ def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label:
     if label is None:
         label = ("+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))).replace("/", "_")
         label += f"@{trained}" if rnd is not None else ""
-    out = run_dir / DEFENDED_DIR / check_name(label)
+    out = run.defended(label).path
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
         clear(out)  # all of it (refused if it is not ours)
     for name in ("initial", "final") if rnd is None else ("initial",):  # a checkpoint needs no finished run
-        if not model_file(run_dir, name).is_file():
+        if not run.model_file(name).is_file():
             raise ConfigError(f"{run_dir} has no {name}.pt: the run did not finish training")
 
     device = pick_device()
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    aux_idx, source = aux_indices(run_dir, run_config, cfg, labels.numpy(), overrides)
+    aux_idx, source = aux_indices(run, run_config, cfg, labels.numpy(), overrides)
     eval_mask = np.ones(len(labels), dtype=bool)
     eval_mask[aux_idx] = False
-    evaluator = Evaluator(build_model(cfg.dataset, cfg.network).to(device), images[eval_mask], labels[eval_mask],
-                          trigger_scheme(cfg).full, cfg.source_label, cfg.target_label)
-    model = build_model(cfg.dataset, cfg.network).to(device)
-    like = model.state_dict()
-    initial = load_state(model_file(run_dir, "initial"), like, device)
-    final = load_state(checkpoint_file(run_dir, rnd) if rnd is not None else model_file(run_dir, "final"), like, device)
-    model.load_state_dict(final)
+    evaluator = make_evaluator(cfg, images[eval_mask], labels[eval_mask], device)
+    like = build_model(cfg.dataset, cfg.network).state_dict()
+    initial = run.load_model("initial", like, device)
+    final = run.load_model("final", like, device, rnd=rnd)
     check = evaluator(final)  # the run's own no-Defense numbers, re-measured on the same images
     recorder = DefendRecorder(out, {
         "run": str(run_dir.resolve()), "model": trained, "defenses": defenses, "overrides": overrides,
@@ -147,8 +114,7 @@ def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label:
         "no_defense": check, "device": str(device),
         "config": {k: v for k, v in cfg.to_run_config().items() if changeable(k) or k == "seed"},
     })
-    inp = PostTrainingInput(model=model, initial_state=initial, aux_images=to_float(images[aux_idx]),
-                            aux_labels=labels[aux_idx])
+    inp = post_training_input(cfg, final, initial, images[aux_idx], labels[aux_idx], device)
     started = time.perf_counter()
     try:
         failed = apply_post_defenses(cfg, inp, evaluator, recorder)

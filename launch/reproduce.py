@@ -27,7 +27,7 @@ from typing import Any
 from experiment.config import ConfigError, ExperimentConfig, default_run_config
 from experiment.data import DATASETS
 from server.checks import check_experiment
-from server.results import CONFIG_FILE, DEFENDED_DIR, SUMMARY_FILE, RunFileError, read_json
+from server.results import RunDir, RunFileError
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 NAMES = ("table1", "table2", "table3", "table4", "table5", "table6", "fig5", "fig6")
@@ -133,7 +133,7 @@ def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
     nor which post-training defenses ran: missing ones are applied to its saved models
     (`complete_defenses`), a training is never repeated for them."""
     try:
-        config, summary = read_json(run_dir / CONFIG_FILE), read_json(run_dir / SUMMARY_FILE)
+        config, summary = RunDir(run_dir).config(), RunDir(run_dir).summary()
     except RunFileError:
         return False
     if summary.get("status") not in ("completed", "defense-failed"):
@@ -152,11 +152,11 @@ def results(run_dir: Path) -> dict[str, Any]:
     """The run's summary with `flain defend` results (label `reproduce`) merged into post_defenses:
     a defense applied there (missing from the run, or re-applied after a change of its code with
     `flain defend RUN --name reproduce --overwrite`) takes precedence over the run's own entry."""
-    summary = read_json(run_dir / SUMMARY_FILE)
-    extra = run_dir / DEFENDED_DIR / DEFENDED_LABEL / SUMMARY_FILE
-    if extra.is_file():
+    summary = RunDir(run_dir).summary()
+    extra = RunDir(run_dir).defended(DEFENDED_LABEL)
+    if extra.exists():
         own = summary.setdefault("post_defenses", {})
-        for name, result in read_json(extra).get("post_defenses", {}).items():
+        for name, result in extra.summary().get("post_defenses", {}).items():
             if "acc" in result or "acc" not in own.get(name, {}):
                 own[name] = result
     return summary
@@ -169,8 +169,8 @@ def complete_defenses(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
     have = {k for k, v in results(run_dir).get("post_defenses", {}).items() if "acc" in v}
     missing = [n for n in cfg.post_defense_names if n not in have]
     if missing:
-        extra = run_dir / DEFENDED_DIR / DEFENDED_LABEL / SUMMARY_FILE
-        earlier = list(read_json(extra).get("post_defenses", {})) if extra.is_file() else []
+        extra = RunDir(run_dir).defended(DEFENDED_LABEL)
+        earlier = list(extra.summary().get("post_defenses", {})) if extra.exists() else []
         names = earlier + [n for n in missing if n not in earlier]  # the directory is rewritten whole
         print(f"flain reproduce: applying {','.join(names)} to {run_dir.name}'s saved models", flush=True)
         defend(run_dir, names, {}, DEFENDED_LABEL, overwrite=True)
@@ -287,7 +287,7 @@ def report(trainings: list[Training], out: Path) -> dict[str, Any]:
     for t in trainings:
         run_dir = out / "runs" / t.name
         summary = None
-        if (run_dir / "summary.json").is_file():
+        if RunDir(run_dir).exists():
             summary = results(run_dir)
             if summary.get("status") not in ("completed", "defense-failed"):
                 summary = None

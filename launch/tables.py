@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.results import CONFIG_FILE, DEFENDED_DIR, SUMMARY_FILE, RunFileError, read_json
+from server.results import RunDir, RunFileError
+from strategies import POST_DEFENSES
 
 
 class NotARunDirectory(ValueError):
@@ -18,8 +19,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not run_dir.is_dir():
         raise NotARunDirectory(f"{run_dir} is not a directory")
     try:
-        config = read_json(run_dir / CONFIG_FILE, ("dataset", "aggregation"))
-        summary = read_json(run_dir / SUMMARY_FILE, ("status",))
+        config = RunDir(run_dir).config(("dataset", "aggregation"))
+        summary = RunDir(run_dir).summary(("status",))
     except RunFileError as exc:
         raise NotARunDirectory(f"not a run directory: {exc}") from None
     if not _result(summary.get("final")):
@@ -27,7 +28,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     bad = [name for name, res in _dict(summary.get("post_defenses")).items()
            if not isinstance(res, dict) or ("acc" in res and not _result(res))]
     if bad or not isinstance(summary.get("post_defenses", {}), dict):
-        raise NotARunDirectory(f"{run_dir / SUMMARY_FILE}: post_defenses {bad or ''} are not results of ours")
+        raise NotARunDirectory(f"{RunDir(run_dir).summary_file}: post_defenses {bad or ''} are not results of ours")
     return config, summary
 
 
@@ -49,15 +50,11 @@ def format_table(summary: dict[str, Any]) -> str:
         if "error" in res:
             rows.append((name, float("nan"), float("nan"), f"FAILED: {res['error']}"))
             continue
-        note = ""
-        if "estimated_drop" in res:
-            note = f"flipped={res['flipped']}/{res.get('inputs', '?')} (cross-fitted aux drop {res['estimated_drop']:.4f})"
-            note += " ALL FLIPPED: no threshold was chosen" if res.get("exhausted") else ""
-        elif "flipped" in res:
-            note = f"lambda={res['threshold']:.4f} flipped={res['flipped']}/{res.get('inputs', '?')}"
-            note += " (all flipped)" if res.get("exhausted") else ""
-        elif "pruned" in res:
-            note = f"pruned={res['pruned']}/{res.get('inputs', '?')}"
+        defense = POST_DEFENSES.get(name)
+        try:
+            note = defense.note(res) if defense else ""
+        except (KeyError, TypeError, ValueError):  # a result written by another version
+            note = ""
         rows.append((name, res["acc"], res["asr"], note))
     lines = [f"{'defense':<12} {'ACC':>7} {'ASR':>7}  notes", "-" * 60]
     lines += [f"{n:<12} {a:7.4f} {s:7.4f}  {note}" for n, a, s, note in rows]
@@ -65,7 +62,6 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 _RULE_NAMES = {"fedavg": "no-Defense", "rlr": "RLR"}  # the paper's row names
-_DEFENSE_NAMES = {"flain": "FLAIN", "flain-cv": "FLAIN-CV", "pruning": "Pruning", "fedpruning": "FedPruning"}
 
 
 def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]:
@@ -79,16 +75,15 @@ def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]
         base = _RULE_NAMES.get(rule, rule)
         rows.append((run_dir.name, base, summary["final"]["acc"], summary["final"]["asr"]))
         defended = [("", summary)]
-        for d in sorted((run_dir / DEFENDED_DIR).glob("*")):
-            if (d / SUMMARY_FILE).is_file():
-                try:
-                    defended.append((f" [defend {d.name}]", read_json(d / SUMMARY_FILE, ("post_defenses",))))
-                except RunFileError as exc:
-                    raise NotARunDirectory(str(exc)) from None
+        for d in RunDir(run_dir).defended_results():
+            try:
+                defended.append((f" [defend {d.name}]", d.summary(("post_defenses",))))
+            except RunFileError as exc:
+                raise NotARunDirectory(str(exc)) from None
         for mark, results in defended:  # the run's own defenses, then `flain defend`'s
             for name, res in results.get("post_defenses", {}).items():
                 if "acc" in res:
-                    label = _DEFENSE_NAMES.get(name, name)
+                    label = POST_DEFENSES[name].display_name if name in POST_DEFENSES else name
                     label = label if rule == "fedavg" else f"{base} + {label}"
                     rows.append((run_dir.name, label + mark, res["acc"], res["asr"]))
     return rows

@@ -14,8 +14,12 @@ update they sent and of the one they trained, and the share of coordinates they 
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from server.results import RunDir  # noqa: E402
 
 ATTACKS = ("none", "neurotoxin", "scaling", "pgd", "flain-aware")
 DEFENSES = (("no-Defense", "fedavg", None), ("FLAIN", "fedavg", "flain"), ("FLAIN-CV", "fedavg", "flain-cv"),
@@ -31,21 +35,19 @@ def run_name(dataset: str, attack: str, rule: str) -> str:
 
 
 def cell(runs: Path, dataset: str, attack: str, rule: str, defense: str | None) -> dict | None:
-    path = runs / run_name(dataset, attack, rule) / "summary.json"
-    if not path.is_file():
+    run = RunDir(runs / run_name(dataset, attack, rule))
+    if not run.finished():
         return None
-    summary = json.loads(path.read_text())
-    if summary.get("status") not in ("completed", "defense-failed"):
-        return None
+    summary = run.summary()
     result = summary["final"] if defense is None else summary.get("post_defenses", {}).get(defense, {})
-    return {"asr": result["asr"], "acc": result["acc"], "run": str(path.parent)} if "acc" in result else None
+    return {"asr": result["asr"], "acc": result["acc"], "run": str(run.path)} if "acc" in result else None
 
 
 def attack_metrics(runs: Path, dataset: str, attack: str) -> dict | None:
-    path = runs / run_name(dataset, attack, "fedavg") / "summary.json"
-    if not path.is_file():
+    run = RunDir(runs / run_name(dataset, attack, "fedavg"))
+    if not run.exists():
         return None
-    log = json.loads(path.read_text()).get("attack_log", [])
+    log = run.summary().get("attack_log", [])
     if not log:
         return None
     mean = lambda key: sum(e[key] for e in log) / len(log)  # noqa: E731

@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from server.results import RunDir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = {  # label -> (defenses, `flain defend --set` overrides)
     "ours": ("flain,flain-cv", {}),
@@ -36,10 +39,7 @@ def _name(network: str, partition: str, task: str, seed: int) -> str:
 
 
 def _status(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status", "?")
-    except (OSError, ValueError):
-        return "missing"
+    return RunDir(run_dir).status()
 
 
 def train(args: argparse.Namespace) -> int:
@@ -71,12 +71,10 @@ def _label(protocol: str, rnd: int) -> str:
 
 
 def defend(args: argparse.Namespace) -> int:
-    from server.results import checkpoint_rounds
-
     for run_dir in sorted(p for p in Path(args.out).iterdir() if p.is_dir()):
-        for rnd in [r for r in checkpoint_rounds(run_dir) if not args.at or r in args.at]:
+        for rnd in [r for r in RunDir(run_dir).checkpoint_rounds() if not args.at or r in args.at]:
             for protocol, (defenses, overrides) in PROTOCOLS.items():
-                if (run_dir / "defended" / _label(protocol, rnd) / "summary.json").is_file():
+                if RunDir(run_dir).defended(_label(protocol, rnd)).exists():
                     continue
                 cmd = [sys.executable, "-m", "launch.cli", "defend", str(run_dir), "--round", str(rnd),
                        "--post-defenses", defenses, "--name", _label(protocol, rnd), "--overwrite"]
@@ -90,12 +88,13 @@ def defend(args: argparse.Namespace) -> int:
 def collect(out: Path) -> list[dict]:
     rows = []
     for run_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        config = json.loads((run_dir / "config.json").read_text())
-        for label_dir in sorted((run_dir / "defended").glob("fidelity-*")):
-            summary = json.loads((label_dir / "summary.json").read_text())
-            if summary.get("status") != "completed":
+        run = RunDir(run_dir)
+        config = run.config()
+        for result in run.defended_results():
+            summary = result.summary()
+            if not result.name.startswith("fidelity-") or summary.get("status") != "completed":
                 continue
-            protocol, rnd = label_dir.name.removeprefix("fidelity-").split("@round-")
+            protocol, rnd = result.name.removeprefix("fidelity-").split("@round-")
             base = summary["no_defense"]
             for defense, result in summary["post_defenses"].items():
                 rows.append({"run": run_dir.name, "task": f"{config['source-label']}-{config['target-label']}",

@@ -30,6 +30,7 @@ from strategies.post_training.flain import Flain  # noqa: E402
 from strategies.post_training.flain_cv import FlainCV, candidate_counts, select_count  # noqa: E402
 from strategies.post_training.flip_path import flip_path_logits  # noqa: E402
 from strategies.post_training.tau import TauView, tau_inputs  # noqa: E402
+from server.results import RunDir  # noqa: E402
 
 # name -> FlainCV settings (tol, scores, select, balanced); "flain" is Algorithm 1 itself
 CANDIDATES: dict[str, dict] = {
@@ -69,13 +70,14 @@ def study(run_dir: Path) -> dict:
     run_config, summary = read_run(run_dir)
     cfg = defend_config(run_config, ["flain"], {})
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    aux_idx, _ = aux_indices(run_dir, run_config, cfg, len(labels))
+    run = RunDir(run_dir)
+    aux_idx, _ = aux_indices(run, run_config, cfg, labels.numpy(), {})
     keep = np.ones(len(labels), dtype=bool)
     keep[aux_idx] = False
     model = build_model(cfg.dataset, cfg.network)
-    model.load_state_dict(torch.load(run_dir / "final.pt", weights_only=True))
+    model.load_state_dict(run.load_model("final", model.state_dict()))
     model.eval()
-    initial = torch.load(run_dir / "initial.pt", weights_only=True)
+    initial = run.load_model("initial", model.state_dict())
     aux_x, aux_y = to_float(images[aux_idx]), labels[aux_idx]
     tau = TauView.of(model, cfg.flain_layer, aux_x, aux_y)
     counts = candidate_counts(tau.activations, cfg.flain_step)
@@ -147,7 +149,7 @@ def main() -> None:
         nd = result["no_defense"]
         print(f"\n{result['run']} ({result['dataset']}, seed {result['seed']}): no-Defense ACC {nd['acc']:.4f} "
               f"ASR {nd['asr']:.4f}; oracle (test labels, ASR<=0.02): {result['oracle']}")
-        print(f"| rule | flipped | ACC | drop | ASR |\n| --- | --- | --- | --- | --- |")
+        print("| rule | flipped | ACC | drop | ASR |\n| --- | --- | --- | --- | --- |")
         for name, r in result["rules"].items():
             print(f"| {name} | {r['flipped']} | {r['acc']:.4f} | {r['drop']:.4f} | {r['asr']:.4f} |")
 

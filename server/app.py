@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from logging import ERROR, INFO
-from typing import Any, Protocol
+from logging import INFO
 
 import flwr
 import torch
@@ -21,18 +20,17 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from attacks import malicious_clients, trigger_scheme
+from attacks import malicious_clients
 from experiment.config import ExperimentConfig
-from experiment.data import DATASETS, aux_split, load, num_rounds, partition_sizes, to_float
+from experiment.data import aux_split, load, num_rounds, partition_sizes
 from experiment.hardware import pick_device, training_precision
 from experiment.seeds import int_seed
 from models import build_model
 from server.checks import check_experiment, resolved_settings
-from server.evaluation import Evaluator
+from server.post_training import apply_post_defenses, make_evaluator, post_training_input
 from server.results import RunRecorder
-from strategies import AGGREGATIONS, POST_DEFENSES
+from strategies import AGGREGATIONS
 from strategies.aggregation.reply_guard import ReplyLimits
-from strategies.post_training import PostTrainingInput
 
 app = ServerApp()
 
@@ -96,10 +94,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
     aux_idx, eval_idx = aux_split(cfg, labels.numpy())
     recorder.save_aux(aux_idx)  # `flain defend` re-applies defenses with exactly this aux set
-    evaluator = Evaluator(  # ASR always with the whole pattern (DBA: all parts together)
-        build_model(cfg.dataset, cfg.network).to(device),
-        images[eval_idx], labels[eval_idx], trigger_scheme(cfg).full, cfg.source_label, cfg.target_label,
-    )
+    evaluator = make_evaluator(cfg, images[eval_idx], labels[eval_idx], device)
     torch.manual_seed(int_seed(cfg.seed, "init"))  # the initial global model depends on the seed only
     model = build_model(cfg.dataset, cfg.network)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -137,42 +132,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     final_state = result.arrays.to_torch_state_dict()
     recorder.save_model("final", final_state)
 
-    images_aux = to_float(images[aux_idx])
-    trained = build_model(cfg.dataset, cfg.network).to(device)
-    trained.load_state_dict(final_state)
-    inp = PostTrainingInput(model=trained, initial_state=initial_state, aux_images=images_aux,
-                            aux_labels=labels[aux_idx], grid=grid, strategy=strategy, last_round=rounds)
+    inp = post_training_input(cfg, final_state, initial_state, images[aux_idx], labels[aux_idx], device,
+                              grid=grid, strategy=strategy, last_round=rounds)
     failed = apply_post_defenses(cfg, inp, evaluator, recorder)
     recorder.finish(client_failures=getattr(strategy, "failures", []), failed_defenses=failed,
                     attack_log=getattr(strategy, "attack_log", []))
-
-
-class DefenseSink(Protocol):
-    """Where defended models and their results go (a run directory, or `flain defend`'s)."""
-
-    def save_model(self, name: str, state: dict[str, torch.Tensor]) -> object: ...
-
-    def post_defense(self, name: str, result: dict[str, Any]) -> None: ...
-
-
-def apply_post_defenses(cfg: ExperimentConfig, inp: PostTrainingInput, evaluator: Evaluator,
-                        sink: DefenseSink) -> list[str]:
-    """Every configured defense on the same trained model, side by side; the names of
-    those that failed (a broken defense must not cost the others their results)."""
-    failed = []
-    for name in cfg.post_defense_names:
-        started = time.perf_counter()
-        try:
-            state, info = POST_DEFENSES[name](cfg).apply(inp)
-        except Exception as exc:
-            log(ERROR, "[flain] post-defense %s FAILED:\n%s", name, traceback.format_exc())
-            sink.post_defense(name, {"error": f"{type(exc).__name__}: {exc}"})
-            failed.append(name)
-            continue
-        seconds = time.perf_counter() - started
-        m = evaluator(state)
-        sink.save_model(name, state)
-        sink.post_defense(name, {**m, "seconds": seconds, **info})
-        log(INFO, "[flain] post-defense %s: acc=%.4f asr=%.4f (%.1fs) %s", name, m["acc"], m["asr"], seconds, info)
-    return failed
-

@@ -185,6 +185,31 @@ class RunRecorder:
         write_summary(self.dir, self.summary)
 
 
+class DefendRecorder:
+    """RUN_DIR/defended/<label>/: summary.json and the defended models."""
+
+    def __init__(self, out: Path, info: dict[str, Any]) -> None:
+        self.dir = out
+        mark(self.dir, "defended")
+        self.summary: dict[str, Any] = {"status": "running", **info, "post_defenses": {}}
+        self._write()
+
+    def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
+        return save_state(model_file(self.dir, name), state)
+
+    def post_defense(self, name: str, result: dict[str, Any]) -> None:
+        self.summary["post_defenses"][name] = result
+        self._write()
+
+    def finish(self, failed: list[str]) -> dict[str, Any]:
+        self.summary.update(status="defense-failed" if failed else "completed", failed_defenses=failed)
+        self._write()
+        return self.summary
+
+    def _write(self) -> None:
+        write_summary(self.dir, self.summary)
+
+
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> Path:
     """A state_dict on the CPU (loadable anywhere) at `path`."""
     return atomic_write(path, lambda f: torch.save({k: v.detach().cpu() for k, v in state.items()}, f))
@@ -267,6 +292,99 @@ def read_aux(path: Path, test_size: int) -> np.ndarray:
     if len(indices) >= test_size:
         raise RunFileError(f"{path}: the aux set takes every test image, none is left to score on")
     return np.sort(indices)
+
+
+class RunDir:
+    """One run directory (or one `flain defend` result under its defended/): the only code
+    outside this module that needs a file of it asks here, by meaning, never by file name."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # ---- where things are ----
+    @property
+    def summary_file(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def rounds_file(self) -> Path:
+        return self.path / ROUNDS_FILE
+
+    @property
+    def aux_file(self) -> Path:
+        return self.path / AUX_FILE
+
+    def model_file(self, name: str) -> Path:
+        """initial, final, or a post-training defense's name."""
+        return model_file(self.path, name)
+
+    def checkpoint_file(self, rnd: int) -> Path:
+        return checkpoint_file(self.path, rnd)
+
+    def checkpoint_rounds(self) -> list[int]:
+        return checkpoint_rounds(self.path)
+
+    def defended(self, label: str) -> RunDir:
+        """`flain defend --name LABEL`'s result directory (label checked as one path component)."""
+        return RunDir(self.path / DEFENDED_DIR / check_name(label))
+
+    def defended_results(self) -> list[RunDir]:
+        """Every `flain defend` result that holds a summary, by label."""
+        folder = self.path / DEFENDED_DIR
+        found = sorted(folder.iterdir()) if folder.is_dir() else []
+        return [RunDir(p) for p in found if (p / SUMMARY_FILE).is_file()]
+
+    # ---- what is in them ----
+    def exists(self) -> bool:
+        return self.summary_file.is_file()
+
+    def is_ours(self) -> bool:
+        return is_run_dir(self.path)
+
+    def summary(self, required: tuple[str, ...] = ()) -> dict[str, Any]:
+        return read_json(self.summary_file, required)
+
+    def config(self, required: tuple[str, ...] = ()) -> dict[str, Any]:
+        return read_json(self.config_file, required)
+
+    def status(self) -> str:
+        """summary.json's status; `missing` where there is no readable summary."""
+        try:
+            return str(self.summary().get("status", "unknown"))
+        except RunFileError:
+            return "missing"
+
+    def finished(self) -> bool:
+        """Training completed (a failed post-training defense does not undo it)."""
+        return self.status() in ("completed", "defense-failed")
+
+    def rounds(self) -> list[dict[str, float]]:
+        """rounds.csv as numbers, one dict per round (RunFileError if unreadable)."""
+        try:
+            with self.rounds_file.open() as f:
+                rows = list(csv.DictReader(f))
+            return [{k: (int(v) if k == "round" else float(v)) for k, v in row.items()} for row in rows]
+        except (OSError, ValueError, TypeError) as exc:
+            raise RunFileError(f"{self.rounds_file}: not a readable rounds file ({exc})") from None
+
+    def aux(self, test_size: int) -> np.ndarray:
+        return read_aux(self.aux_file, test_size)
+
+    def load_model(self, name: str, like: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                   rnd: int | None = None) -> dict[str, torch.Tensor]:
+        """A saved model checked against `like` (`rnd`: the checkpoint of that round instead)."""
+        return load_state(self.checkpoint_file(rnd) if rnd is not None else self.model_file(name), like, device)
 
 
 def plot(rounds: list[dict[str, float]], defenses: dict[str, dict[str, Any]], path: Path) -> None:

@@ -62,7 +62,21 @@ def test_every_torch_load_says_weights_only():
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says (torch's default alone follows that variable)."""
     import re
 
-    for folder in (*PACKAGES, "tests", "benchmarks", "docs", "docker"):
+    for folder in (*PACKAGES, "tests", "benchmarks", "scripts", "docker"):
         for path in (SOURCE_ROOT / folder).rglob("*.py"):
             for call in re.findall(r"torch\.load\([^\n]*", path.read_text()):
                 assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def test_only_the_run_directory_type_knows_its_file_names():
+    """server/results.py (RunDir, the recorders) owns the run directory's layout: no other code
+    spells one of its file names (tests may: they check the layout from outside)."""
+    import re
+
+    names = re.compile(r"""["'](summary\.json|config\.json|rounds\.csv|aux\.npy|initial\.pt|final\.pt|plot\.png|"""
+                       r"""defended|checkpoints|\.flain-run)["']""")
+    owner = SOURCE_ROOT / "server" / "results.py"
+    for folder in (*PACKAGES, "benchmarks", "scripts", "docker"):
+        for path in (SOURCE_ROOT / folder).rglob("*.py"):
+            if path != owner:
+                assert not names.findall(path.read_text()), f"{path}: {names.findall(path.read_text())}"

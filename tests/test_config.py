@@ -245,3 +245,28 @@ def test_every_float_setting_refuses_nan_and_infinity_even_built_in_code(name, v
     """The run-config path refuses them on entry; a configuration built in Python must too."""
     with pytest.raises(ConfigError, match=f"{name.replace('_', '-')}=.* must be a finite number"):
         dataclasses.replace(ExperimentConfig(), **{name: value}).validate()
+
+
+def test_the_cli_maps_errors_to_exit_codes_in_one_table(monkeypatch, capsys):
+    """Each error kind a command raises gives its exit code and a one-line message from the
+    one table in launch/cli.py; no command prints and returns an error code itself."""
+    from experiment.data import DataUnavailable
+    from launch import cli
+    from launch.superlink import RunFailed
+    from launch.tables import NotARunDirectory
+    from server.results import RunFileError
+
+    source = (cli.Path(cli.__file__)).read_text()
+    assert "return EXIT_CONFIG" not in source and "return EXIT_DATA" not in source
+    expected = {ConfigError: (2, "configuration error"), NotARunDirectory: (2, "configuration error"),
+                RunFileError: (2, "configuration error"), DataUnavailable: (3, "data error"), RunFailed: (1, "run failed")}
+    for kind, (code, what) in expected.items():
+        def boom(args, kind=kind):
+            raise kind("the reason")
+        parser = cli.parser()
+        monkeypatch.setattr(cli, "parser", lambda p=parser: p)
+        for action in parser._subparsers._group_actions[0].choices.values():
+            if action.get_default("func") is not None and action.prog.endswith(" table"):
+                action.set_defaults(func=boom)
+        assert cli.main(["table", "x"]) == code, kind
+        assert capsys.readouterr().err == f"flain: {what}: the reason\n"

@@ -247,3 +247,31 @@ def test_a_complete_data_directory_need_not_be_writable(tmp_path, monkeypatch):
     assert probed == ["run-dir"]
     with pytest.raises(ConfigError, match="Read-only"):
         cli.check_paths(cfg.replace(data_dir=str(tmp_path / "empty")), overwrite=False)
+
+
+def test_run_dir_reads_back_what_the_recorder_wrote(tmp_path):
+    """RunDir is the one reader of the layout RunRecorder writes: the same rounds, summary,
+    models, checkpoints and defended results, found by meaning."""
+    import torch
+
+    from server.results import DefendRecorder, RunDir, RunRecorder
+
+    rec = RunRecorder(tmp_path / "r", {"dataset": "fmnist"}, {"seed": 1})
+    rec.round(0, 0.1, 0.0, 1.5, 0.5)
+    rec.round(1, 0.75, 0.25, 2.0, 0.25)
+    state = {"w": torch.tensor([1.0, 2.0])}
+    rec.save_model("initial", state)
+    rec.save_checkpoint(5, state)
+    rec.finish([], [])
+    run = RunDir(tmp_path / "r")
+    assert run.is_ours() and run.finished() and run.status() == "completed"
+    assert run.rounds() == [{"round": 0, "acc": 0.1, "asr": 0.0, "seconds": 1.5, "eval_seconds": 0.5},
+                            {"round": 1, "acc": 0.75, "asr": 0.25, "seconds": 2.0, "eval_seconds": 0.25}]
+    assert run.config() == {"dataset": "fmnist", "seed": 1} and run.summary()["final"]["acc"] == 0.75
+    assert run.checkpoint_rounds() == [5] and torch.equal(run.load_model("x", state, rnd=5)["w"], state["w"])
+    assert run.defended_results() == [] and not run.defended("later").exists()
+    DefendRecorder(run.defended("later").path, {"run": "r"}).finish([])
+    assert [d.name for d in run.defended_results()] == ["later"] and run.defended("later").status() == "completed"
+    assert RunDir(tmp_path / "nothing").status() == "missing"
+    with pytest.raises(RunFileError, match="no such file"):
+        RunDir(tmp_path / "nothing").summary()

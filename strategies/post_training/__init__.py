@@ -1,8 +1,6 @@
 """Post-training defenses, applied by the ServerApp to the final model after the last
 round (registry: `post-defenses=` names -> builder(cfg)); each in its own module."""
 
-from collections.abc import Callable
-
 from experiment.config import ExperimentConfig, choice
 from strategies.post_training.base import PostTrainingDefense, PostTrainingInput
 from strategies.post_training.fedpruning import FedPruning
@@ -10,11 +8,13 @@ from strategies.post_training.flain import Flain
 from strategies.post_training.flain_cv import ACCURACIES, SCORES, SELECTS, FlainCV
 from strategies.post_training.pruning import Pruning
 
-POST_DEFENSES: dict[str, Callable[[ExperimentConfig], PostTrainingDefense]] = {
-    "flain": Flain.from_config,
-    "flain-cv": FlainCV.from_config,
-    "pruning": Pruning.from_config,
-    "fedpruning": FedPruning.from_config,
+# name -> the defense's class: `.from_config(cfg)` builds it; it also says its display name,
+# whether it needs the clients, and how its result reads in one line (base.PostTrainingDefense)
+POST_DEFENSES: dict[str, type[PostTrainingDefense]] = {
+    "flain": Flain,
+    "flain-cv": FlainCV,
+    "pruning": Pruning,
+    "fedpruning": FedPruning,
 }
 
 

@@ -8,7 +8,7 @@ named in `post-defenses` to the same trained model, side by side.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from flwr.serverapp import Grid
@@ -32,6 +32,21 @@ class PostTrainingInput:
 
 
 class PostTrainingDefense(Protocol):
+    """A registry entry owns what is known about it: its display name (the paper's row name),
+    whether it needs the clients (then it cannot run on a saved model), how its result is
+    summarised in one line."""
+
+    display_name: ClassVar[str]
+    needs_clients: ClassVar[bool]
+
+    @staticmethod
+    def note(result: dict[str, Any]) -> str:
+        """One line on what it did (the results table's notes column)."""
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> PostTrainingDefense:
+        """The defense with the run's settings."""
+
     def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(defended state_dict, what it did: threshold, counts, ...)."""
 
@@ -42,9 +57,9 @@ class TauSettings:
     FLAIN and Pruning on the same layer with the same stop rule, so both (and federated
     pruning's adaptive rate) read `flain-step`, `flain-rho` and `flain-layer`."""
 
-    step: float = 0.001
-    rho: float = 0.02
-    layer: str = "auto"  # 'auto' = first Linear after the convolutions
+    step: float = ExperimentConfig.flain_step  # the one default: experiment/config.py
+    rho: float = ExperimentConfig.flain_rho
+    layer: str = ExperimentConfig.flain_layer  # 'auto' = first Linear after the convolutions
     start: float | None = None  # the first threshold; None: min + step (the paper)
 
     @classmethod

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,13 +71,20 @@ def clip_extremes(w: torch.Tensor, pruned: torch.Tensor | np.ndarray, k: float) 
 class FedPruning:
     """Post-training defense: federated pruning with the clients' rankings (Wu et al. 2020)."""
 
-    rate: float = 0.0
-    extreme: float = 3.0
-    finetune_rounds: int = 0
-    step: float = 0.001
-    rho: float = 0.02
-    layer: str = "auto"
+    display_name: ClassVar[str] = "FedPruning"
+    needs_clients: ClassVar[bool] = True  # an extra federated round asks them for rankings
+
+    rate: float = ExperimentConfig.fedpruning_rate
+    extreme: float = ExperimentConfig.fedpruning_extreme
+    finetune_rounds: int = ExperimentConfig.fedpruning_finetune_rounds
+    step: float = ExperimentConfig.flain_step
+    rho: float = ExperimentConfig.flain_rho
+    layer: str = ExperimentConfig.flain_layer
     timeout: float = 1800.0
+
+    @staticmethod
+    def note(result: dict[str, Any]) -> str:
+        return f"pruned={result['pruned']}/{result.get('inputs', '?')}"
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> FedPruning:

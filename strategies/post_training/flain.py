@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -103,6 +103,14 @@ def flain_search(
 @dataclass(frozen=True)
 class Flain(TauSettings):
     """Post-training defense: FLAIN (Algorithm 1)."""
+
+    display_name: ClassVar[str] = "FLAIN"
+    needs_clients: ClassVar[bool] = False
+
+    @staticmethod
+    def note(result: dict[str, Any]) -> str:
+        note = f"lambda={result['threshold']:.4f} flipped={result['flipped']}/{result.get('inputs', '?')}"
+        return note + (" (all flipped)" if result.get("exhausted") else "")
 
     def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Defend `model` (trained weights loaded; left untouched).

@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -85,15 +85,24 @@ class FlainCV:
     """Post-training defense: FLAIN's flip with the cross-fitted, last-within-tolerance stop
     on the soft (true-class probability) aux accuracy."""
 
-    tol: float = 0.02
-    folds: int = 5
-    scores: str = "crossfit"
-    select: str = "last-within"
-    balanced: bool = False
-    soft: bool = True
-    step: float = 0.001
-    layer: str = "auto"
+    display_name: ClassVar[str] = "FLAIN-CV"
+    needs_clients: ClassVar[bool] = False
+
+    tol: float = ExperimentConfig.flain_cv_tol
+    folds: int = ExperimentConfig.flain_cv_folds
+    scores: str = ExperimentConfig.flain_cv_scores
+    select: str = ExperimentConfig.flain_cv_select
+    balanced: bool = ExperimentConfig.flain_cv_accuracy == "balanced"
+    soft: bool = ExperimentConfig.flain_cv_accuracy == "soft"
+    step: float = ExperimentConfig.flain_step
+    layer: str = ExperimentConfig.flain_layer
     seed: int = 0
+
+    @staticmethod
+    def note(result: dict[str, Any]) -> str:
+        note = (f"flipped={result['flipped']}/{result.get('inputs', '?')} "
+                f"(cross-fitted aux drop {result['estimated_drop']:.4f})")
+        return note + (" ALL FLIPPED: no threshold was chosen" if result.get("exhausted") else "")
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> FlainCV:

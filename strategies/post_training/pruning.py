@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +28,13 @@ def prune_columns(w: torch.Tensor, mask: torch.Tensor | np.ndarray) -> torch.Ten
 @dataclass(frozen=True)
 class Pruning(TauSettings):
     """Post-training defense: low-activation pruning of tau's inputs."""
+
+    display_name: ClassVar[str] = "Pruning"
+    needs_clients: ClassVar[bool] = False
+
+    @staticmethod
+    def note(result: dict[str, Any]) -> str:
+        return f"pruned={result['pruned']}/{result.get('inputs', '?')}"
 
     def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         started = time.perf_counter()
