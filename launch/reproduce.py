@@ -89,6 +89,32 @@ class Training:
     cells: list[Cell] = field(default_factory=list)
 
 
+def paper_comparison(cfg: ExperimentConfig, summary: dict[str, Any]) -> list[str]:
+    """Lines putting a finished run beside the paper's cells of the same setting (aggregation
+    FedAvg: no-Defense, Pruning, FLAIN; RLR: RLR); none when the setting is not in the paper."""
+    cells = [c for c in paper_cells() if c.asr is not None and not c.table.startswith("fig")
+             and (c.dataset, c.source, c.target, c.partition, c.clients, c.mcr, c.pdr) == (
+                 cfg.dataset, cfg.source_label, cfg.target_label, cfg.partition, cfg.num_clients, cfg.mcr, cfg.pdr)
+             and c.setting()["trigger"] == cfg.trigger and c.setting().get("trigger-pixels", 0) == cfg.trigger_pixels]
+    ours = {"no-Defense": summary.get("final")} if cfg.aggregation == "fedavg" else {}
+    if cfg.aggregation == "fedavg":
+        ours |= {name: summary.get("post_defenses", {}).get(key) for name, (_, key) in ROW_SOURCE.items() if key}
+    elif cfg.aggregation == "rlr":
+        ours["RLR"] = summary.get("final")
+    cells = [c for c in cells if c.table == cells[0].table] if cells else []  # the first table with it
+    lines = []
+    for c in cells:
+        # FLAIN-CV (ours) has no cell of its own: it is put beside the paper's FLAIN
+        for name in (c.defense, "FLAIN-CV (ours)") if c.defense == "FLAIN" else (c.defense,):
+            mine = ours.get(name)
+            if isinstance(mine, dict) and "acc" in mine:
+                within = mine["asr"] <= c.asr + TOLERANCE["asr"] and mine["acc"] >= c.acc - TOLERANCE["acc"]
+                lines.append(f"{name:<16} ours ASR {mine['asr']:.3f} ACC {mine['acc']:.3f}   paper's {c.defense} "
+                             f"({c.table}) ASR {c.asr:.3f} ACC {c.acc:.3f}   "
+                             f"{'within tolerance' if within else 'NOT within tolerance'}")
+    return lines
+
+
 def select(cells: Iterable[Cell], name: str, datasets: list[str] | None, tasks: list[str] | None) -> list[Cell]:
     """The cells of NAME (one of NAMES, a comma list of them, or all) on the data sets and tasks."""
     names = NAMES if name == "all" else tuple(n.strip() for n in name.split(","))

@@ -120,7 +120,12 @@ def report(args: argparse.Namespace) -> int:
     md.mkdir(parents=True, exist_ok=True)
     (md / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     groups: dict[tuple, list[dict]] = {}
+    seen = set()  # a second training of the same seed (a longer one) counts once per round: the first
     for r in rows:
+        key = (r["task"], r["network"], r["partition"], r["seed"], r["round"], r["protocol"], r["defense"])
+        if key in seen:
+            continue
+        seen.add(key)
         groups.setdefault((r["task"], r["network"], r["partition"], r["protocol"], r["defense"], r["round"]), []).append(r)
     lines = ["| task | network | partition | protocol | defense | round | seeds | no-Defense ACC | no-Defense ASR "
              "| defended ASR | ACC cost | flipped |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

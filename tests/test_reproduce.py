@@ -117,3 +117,19 @@ def test_reproduce_bad_input_is_one_line(capsys):
         assert fragment in err and len(err.strip().splitlines()) == 1, err
     assert main(["reproduce", "--list"]) == 0
     assert "table1     48 cells" in capsys.readouterr().out
+
+
+def test_a_run_of_a_paper_setting_is_put_beside_the_paper_cells():
+    """The default experiment is Table 1's FMNIST (0,5) cell: no-Defense 0.991/0.901, FLAIN
+    0.000/0.900 (ASR/ACC); FLAIN-CV goes beside the paper's FLAIN; another setting: nothing."""
+    from experiment.config import ExperimentConfig
+    from launch.reproduce import paper_comparison
+
+    summary = {"final": {"acc": 0.905, "asr": 0.985},
+               "post_defenses": {"flain": {"acc": 0.859, "asr": 0.0}, "flain-cv": {"acc": 0.895, "asr": 0.019}}}
+    lines = paper_comparison(ExperimentConfig(), summary)
+    assert [line.split()[0] for line in lines] == ["no-Defense", "FLAIN", "FLAIN-CV"]
+    assert lines[0].endswith(" within tolerance") and "ASR 0.991 ACC 0.901" in lines[0]
+    assert lines[1].endswith("NOT within tolerance") and "ASR 0.000 ACC 0.900" in lines[1]  # 0.859 < 0.900 - 0.01
+    assert lines[2].endswith(" within tolerance")  # 0.019 <= 0.02 and 0.895 >= 0.89
+    assert paper_comparison(ExperimentConfig.defaults(source_label=1), summary) == []
