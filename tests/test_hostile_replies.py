@@ -216,3 +216,23 @@ def test_a_scalar_buffer_keeps_its_shape_through_the_guard(name):
     assert strategy.failures == []
     n = arrays["n"].numpy()
     assert n.shape == () and n.dtype == np.int64 and int(n) == 5
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATIONS))
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(name):
+    """Replies reach the server in arrival order; floating-point sums depend on the order, so the
+    same seed gave two models. Values of very different sizes make any order dependence show."""
+    rng = np.random.default_rng(7)
+
+    def contents():
+        out = {}
+        for p in range(N):
+            w = (rng_values[p] * 10.0 ** rng_scales[p]).astype(np.float32)
+            out[p] = RecordDict({"arrays": ArrayRecord({"w": Array(w)}), "metrics": train_metrics(10 + 7 * p, p)})
+        return out
+
+    rng_values = rng.standard_normal((N, *SHAPE))
+    rng_scales = rng.integers(-3, 8, (N, *SHAPE))
+    forward, _ = _round(_strategy(name), contents())
+    backward, _ = _round(_strategy(name), dict(reversed(list(contents().items()))))
+    assert np.array_equal(forward["w"].numpy(), backward["w"].numpy())
