@@ -197,6 +197,9 @@ class ReplyGuard(FailureLog):
                 log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, problem)
                 self.record(server_round, node, "rejected", problem,
                             claimed=claimed_partition(reply, len(self.limits.example_caps)))
+        # Flower's FedAvg sums the replies in float32 in the order given: in arrival order the same
+        # seed gave different models. Partition order is the run's own.
+        kept.sort(key=lambda r: (r.has_error(), 0 if r.has_error() else self.partitions[int(r.metadata.src_node_id)]))
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
         if arrays is None or self._sent_for_check is None:
             return arrays, metrics
