@@ -96,11 +96,10 @@ def paper_comparison(cfg: ExperimentConfig, summary: dict[str, Any]) -> list[str
              and (c.dataset, c.source, c.target, c.partition, c.clients, c.mcr, c.pdr) == (
                  cfg.dataset, cfg.source_label, cfg.target_label, cfg.partition, cfg.num_clients, cfg.mcr, cfg.pdr)
              and c.setting()["trigger"] == cfg.trigger and c.setting().get("trigger-pixels", 0) == cfg.trigger_pixels]
-    ours = {"no-Defense": summary.get("final")} if cfg.aggregation == "fedavg" else {}
-    if cfg.aggregation == "fedavg":
-        ours |= {name: summary.get("post_defenses", {}).get(key) for name, (_, key) in ROW_SOURCE.items() if key}
-    elif cfg.aggregation == "rlr":
-        ours["RLR"] = summary.get("final")
+    # each row's result in this run: ROW_SOURCE says which training (rule) and defense gives it
+    defended = summary.get("post_defenses", {})
+    ours = {name: summary.get("final") if key is None else defended.get(key)
+            for name, (rule, key) in ROW_SOURCE.items() if rule == cfg.aggregation}
     cells = [c for c in cells if c.table == cells[0].table] if cells else []  # the first table with it
     lines = []
     for c in cells:
@@ -159,7 +158,8 @@ def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
     nor which post-training defenses ran: missing ones are applied to its saved models
     (`complete_defenses`), a training is never repeated for them."""
     try:
-        config, summary = RunDir(run_dir).config(), RunDir(run_dir).summary()
+        run = RunDir(run_dir)
+        config, summary = run.config(), run.summary()
     except RunFileError:
         return False
     if summary.get("status") not in ("completed", "defense-failed"):
