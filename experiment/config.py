@@ -45,6 +45,7 @@ class ExperimentConfig:
     max_examples: int = 0  # 0: a client's partition size, as the server computes it
     num_rounds: int = 0  # 0: the data set's training length (experiment/data.py)
     checkpoint_every: int = 0  # K: save the global model every K rounds (0: only the final one)
+    tracker: str = "none"  # none, or tensorboard: event files in the run directory (server/tracking.py)
     local_epochs: int = 1
     batch_size: int = 256
     lr: float = 0.001

@@ -3,6 +3,7 @@
   flain run [--set key=value ...] [--name NAME] [--overwrite] [--gpu] [--verbose] [--dry-run]
   flain deploy --nodes N [--tls] [--set key=value ...]
   flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL] [--round R]
+  flain defend --model MODULE:FUNCTION --initial W0.pt --final W.pt --aux AUX --out DIR [--test T] [--triggered T]
   flain reproduce NAME[,NAME] [--datasets a,b] [--tasks 0-5,0-6] [--seeds N] [--out DIR] [--jobs K] [--dry-run] | --list
   flain data fetch NAME [--data-dir DIR]
   flain triggers [--dataset NAME] [--out FILE.png]
@@ -257,13 +258,22 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+EXTERNAL = ("model", "initial", "final", "aux", "out", "test", "triggered")  # `flain defend --model` options
+
+
 def cmd_defend(args: argparse.Namespace) -> int:
-    """Post-training defenses on a finished run's saved models, without retraining."""
+    """Post-training defenses on a finished run's saved models, or on any saved model, without retraining."""
+    overrides = parse_overrides(args.set)
+    defenses = [n.strip() for n in args.post_defenses.split(",") if n.strip()]
+    if args.model or args.run_dir is None:
+        return _defend_external(args, defenses, overrides)
+    given = [f"--{k}" for k in EXTERNAL if getattr(args, k)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} belong to `flain defend --model ...` (a model outside a run directory), "
+                          "not to `flain defend RUN_DIR`")
     from launch.defend import defend
 
     run_dir = Path(args.run_dir)
-    overrides = parse_overrides(args.set)
-    defenses = [n.strip() for n in args.post_defenses.split(",") if n.strip()]
     if args.name is not None:
         check_name(args.name)
     out, summary = defend(run_dir, defenses, overrides, args.name, args.overwrite, args.round)
@@ -272,8 +282,29 @@ def cmd_defend(args: argparse.Namespace) -> int:
     if args.round is None and abs(recheck["acc"] - run_summary["final"]["acc"]) > 1e-6:
         print(f"flain: warning: the final model scores ACC {recheck['acc']:.4f} here but {run_summary['final']['acc']:.4f} "
               "in the run: the evaluation set differs (aux split or data)", file=sys.stderr)
-    print(format_table({"final": recheck, "post_defenses": summary["post_defenses"]}))
-    print(f"\nflain: results in {out} (aux set: {summary['aux_source']})")
+    return _defended(out, summary, f"aux set: {summary['aux_source']}")
+
+
+def _defend_external(args: argparse.Namespace, defenses: list[str], overrides: dict[str, Any]) -> int:
+    from launch.defend import defend_model
+
+    if args.run_dir is not None:
+        raise ConfigError("give RUN_DIR or --model ..., not both")
+    missing = [f"--{k}" for k in ("model", "initial", "final", "aux", "out") if not getattr(args, k)]
+    if missing:
+        raise ConfigError(f"a model outside a run directory needs {', '.join(missing)} "
+                          "(or give RUN_DIR, a run directory of `flain run`)")
+    if args.round is not None or args.name is not None:
+        raise ConfigError("--round and --name are for RUN_DIR; with --model the results go to --out")
+    path = lambda value: Path(value) if value else None  # noqa: E731
+    out, summary = defend_model(args.model, Path(args.initial), Path(args.final), Path(args.aux), Path(args.out),
+                                defenses, overrides, path(args.test), path(args.triggered), args.overwrite)
+    return _defended(out, summary, f"aux set: {args.aux}")
+
+
+def _defended(out: Path, summary: dict[str, Any], source: str) -> int:
+    print(format_table({"final": summary["no_defense"], "post_defenses": summary["post_defenses"]}))
+    print(f"\nflain: results in {out} ({source})")
     if summary["status"] == "defense-failed":
         print(f"flain: post-training defense(s) FAILED: {', '.join(summary['failed_defenses'])}", file=sys.stderr)
         return EXIT_DEFENSE_FAILED
@@ -373,8 +404,9 @@ def parser() -> argparse.ArgumentParser:
     dep.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     dep.set_defaults(func=cmd_deploy)
 
-    dfd = sub.add_parser("defend", help="apply post-training defenses to a finished run's saved models")
-    dfd.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with initial.pt and final.pt)")
+    dfd = sub.add_parser("defend", help="apply post-training defenses to a finished run's saved models, "
+                                        "or to any saved model (--model)")
+    dfd.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a run directory (with initial.pt and final.pt)")
     dfd.add_argument("--post-defenses", default="flain-cv", metavar="A,B",
                      help="defenses to apply (default: flain-cv); fedpruning needs the clients and is refused")
     dfd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -383,6 +415,15 @@ def parser() -> argparse.ArgumentParser:
     dfd.add_argument("--overwrite", action="store_true", help="replace earlier results with the same label")
     dfd.add_argument("--round", type=int, default=None, metavar="R",
                      help="defend the checkpoint of round R (a run trained with --set checkpoint-every=K)")
+    ext = dfd.add_argument_group("a model outside a run directory (instead of RUN_DIR)")
+    ext.add_argument("--model", metavar="MODULE:FUNCTION", help="builds the model, e.g. mypackage.models:Net")
+    ext.add_argument("--initial", metavar="W0.pt", help="state_dict of the model before training (W0)")
+    ext.add_argument("--final", metavar="W.pt", help="state_dict of the trained model")
+    ext.add_argument("--aux", metavar="AUX", help="clean aux set: .npz (images, labels) or a folder of class folders")
+    ext.add_argument("--test", metavar="TEST", help="clean test set for ACC (.npz or folder; optional)")
+    ext.add_argument("--triggered", metavar="TRIG",
+                     help="triggered images labelled with the attacker's target, for ASR (.npz or folder; optional)")
+    ext.add_argument("--out", metavar="DIR", help="where the defended state_dicts and summary.json go")
     dfd.set_defaults(func=cmd_defend)
 
     rp = sub.add_parser("reproduce", help="run the paper's tables/figures and write a side-by-side report")

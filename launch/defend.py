@@ -1,4 +1,6 @@
-"""`flain defend`: apply post-training defenses to a finished run's saved models.
+"""`flain defend`: apply post-training defenses to a finished run's saved models, or to any
+model saved outside a run directory (`defend_model`: a model factory, W0 and the trained
+state_dict, an aux set, optionally a clean and a triggered test set).
 
 Reads RUN_DIR's config.json, initial.pt (W0) and final.pt, rebuilds the run's own aux set
 and evaluation set, applies the named defenses (the ServerApp's own code path) and writes
@@ -12,17 +14,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from experiment.config import ConfigError, ExperimentConfig, default_run_config
-from experiment.data import aux_size, aux_split, load, split_test
+from experiment.data import aux_size, aux_split, load, split_test, to_float
 from experiment.hardware import pick_device
 from launch.tables import read_run
-from models import build_model
+from launch.external import ImageSet, image_set, model_factory, state_dict
+from models import build_model, inference_batches, resolve_tau
 from strategies import POST_DEFENSES
-from server.post_training import apply_post_defenses, make_evaluator, post_training_input
+from strategies.flain_defense import apply_defenses
+from strategies.post_training import PostTrainingInput
+from strategies.post_training import check as check_post_training
+from server.post_training import apply_post_defenses, make_evaluator, post_defenses, post_training_input
 from server.checks import check_experiment
 from server.results import DefendRecorder, RunDir, clear, end_status
 
@@ -37,8 +46,7 @@ def changeable(key: str) -> bool:
     return key.startswith("flain-") or key in ("post-defenses", "data-dir", *AUX_KEYS)
 
 
-def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: dict[str, Any]) -> ExperimentConfig:
-    """The run's configuration with other post-training settings (checked)."""
+def _check_changes(defenses: list[str], overrides: dict[str, Any]) -> None:
     if not defenses:
         raise ConfigError("--post-defenses is empty: name at least one defense")
     for key in overrides:
@@ -50,6 +58,11 @@ def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: di
             raise ConfigError(f"post-defenses={name!r} asks the clients for their activation rankings in an "
                               "extra federated round: it cannot run on a saved model; run it with "
                               f"`flain run --set post-defenses={name}`")
+
+
+def defend_config(run_config: dict[str, Any], defenses: list[str], overrides: dict[str, Any]) -> ExperimentConfig:
+    """The run's configuration with other post-training settings (checked)."""
+    _check_changes(defenses, overrides)
     base = {k: v for k, v in run_config.items() if k in default_run_config() and k != "run-dir"}
     cfg = ExperimentConfig.from_run_config(base | overrides | {"post-defenses": ",".join(defenses)})
     check_experiment(cfg)
@@ -123,3 +136,64 @@ def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label:
         raise
     recorder.summary["seconds_total"] = time.perf_counter() - started
     return out, recorder.finish(failed)
+
+
+def _scores(model_fn: Callable[[], nn.Module], test: ImageSet | None, triggered: ImageSet | None,
+            device: torch.device) -> Callable[[dict[str, torch.Tensor]], dict[str, float]]:
+    """ACC on the clean test set, ASR = the share of triggered images classified as their label
+    (the attacker's target); each only where its set is given."""
+
+    def share(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+        predicted = torch.cat([z.argmax(1).cpu() for z in inference_batches(model, images)])
+        return (predicted == labels).float().mean().item()
+
+    @torch.no_grad()
+    def evaluate(state: dict[str, torch.Tensor]) -> dict[str, float]:
+        model = model_fn().to(device)
+        model.load_state_dict(state)
+        model.eval()
+        return ({"acc": share(model, *test)} if test else {}) | ({"asr": share(model, *triggered)} if triggered else {})
+
+    return evaluate
+
+
+def defend_model(factory: str, initial_path: Path, final_path: Path, aux_path: Path, out: Path,
+                 defenses: list[str], overrides: dict[str, Any], test_path: Path | None = None,
+                 triggered_path: Path | None = None, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Apply `defenses` to a model saved anywhere: `factory` (module:function) builds it,
+    `initial_path` holds W0 and `final_path` the trained weights (state_dicts); results to `out`."""
+    _check_changes(defenses, overrides)
+    cfg = ExperimentConfig.from_run_config(default_run_config() | overrides | {"post-defenses": ",".join(defenses)})
+    check_post_training(cfg)
+    model = model_factory(factory)
+    try:
+        resolve_tau(model, cfg.flain_layer)
+    except ValueError as exc:
+        raise ConfigError(f"--model {factory}: {exc}") from None
+    initial = state_dict(initial_path, model_factory(factory), "--initial")
+    final = state_dict(final_path, model, "--final")
+    aux = image_set(aux_path, "--aux")
+    test = image_set(test_path, "--test") if test_path else None
+    triggered = image_set(triggered_path, "--triggered") if triggered_path else None
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out} already holds results: choose another --out or pass --overwrite")
+        clear(out)  # all of it (refused if it is not ours)
+    device = pick_device()
+    evaluate = _scores(lambda: model_factory(factory), test, triggered, device)
+    recorder = DefendRecorder(out, {
+        "model": factory, "initial": str(initial_path.resolve()), "final": str(final_path.resolve()),
+        "aux": str(aux_path.resolve()), "test": str(test_path.resolve()) if test_path else None,
+        "triggered": str(triggered_path.resolve()) if triggered_path else None,
+        "defenses": defenses, "overrides": overrides, "no_defense": evaluate(final), "device": str(device),
+        "config": {k: v for k, v in cfg.to_run_config().items() if changeable(k) and k != "data-dir"},
+    })
+    inp = PostTrainingInput(model=model.to(device), initial_state=initial, aux_images=to_float(aux[0]), aux_labels=aux[1])
+    started = time.perf_counter()
+    try:
+        _, reports = apply_defenses(inp, post_defenses(cfg), evaluate, recorder)
+    except KeyboardInterrupt:
+        end_status(out, "interrupted", "stopped by a signal (Ctrl-C or SIGTERM)")
+        raise
+    recorder.summary["seconds_total"] = time.perf_counter() - started
+    return out, recorder.finish([name for name, report in reports.items() if "error" in report])

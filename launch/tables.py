@@ -45,17 +45,18 @@ def _result(value: Any) -> bool:
 
 def format_table(summary: dict[str, Any]) -> str:
     """The results table `flain run` prints."""
-    rows = [("no-Defense", summary["final"]["acc"], summary["final"]["asr"], "")]
+    nan = float("nan")  # a metric nobody measured (`flain defend --model` without --test or --triggered)
+    rows = [("no-Defense", summary["final"].get("acc", nan), summary["final"].get("asr", nan), "")]
     for name, res in summary.get("post_defenses", {}).items():
         if "error" in res:
-            rows.append((name, float("nan"), float("nan"), f"FAILED: {res['error']}"))
+            rows.append((name, nan, nan, f"FAILED: {res['error']}"))
             continue
         defense = POST_DEFENSES.get(name)
         try:
             note = defense.note(res) if defense else ""
         except (KeyError, TypeError, ValueError):  # a result written by another version
             note = ""
-        rows.append((name, res["acc"], res["asr"], note))
+        rows.append((name, res.get("acc", nan), res.get("asr", nan), note))
     lines = [f"{'defense':<12} {'ACC':>7} {'ASR':>7}  notes", "-" * 60]
     lines += [f"{n:<12} {a:7.4f} {s:7.4f}  {note}" for n, a, s, note in rows]
     return "\n".join(lines)

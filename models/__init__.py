@@ -139,22 +139,23 @@ def build_model(dataset: str, network: str = "paper") -> nn.Sequential:
     return MODELS[dataset](spec.num_classes, (spec.mean, spec.std), NETWORKS[network][dataset])
 
 
-def first_linear_after_conv(model: nn.Sequential) -> str:
-    """Name of the first Linear layer that follows the last convolution (the paper's tau)."""
-    names = list(model._modules)
-    convs = [i for i, n in enumerate(names) if isinstance(model._modules[n], nn.Conv2d)]
+def first_linear_after_conv(model: nn.Module) -> str:
+    """Name of the first Linear layer that follows the last convolution in module order (the
+    paper's tau; any `nn.Module`: a ResNet's `fc`, a Sequential's `fc1`)."""
+    modules = list(model.named_modules())
+    convs = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.modules.conv._ConvNd)]
     start = convs[-1] + 1 if convs else 0
-    for name in names[start:]:
-        if isinstance(model._modules[name], nn.Linear):
+    for name, module in modules[start:]:
+        if isinstance(module, nn.Linear):
             return name
     raise ValueError("model has no Linear layer after its convolutions")
 
 
-def resolve_tau(model: nn.Sequential, layer: str) -> str:
-    """The Linear layer named `layer`, or the paper's default for 'auto'."""
+def resolve_tau(model: nn.Module, layer: str) -> str:
+    """The Linear layer named `layer` (dotted for nested modules), or the paper's default for 'auto'."""
     if layer == "auto":
         return first_linear_after_conv(model)
-    linears = [n for n, m in model._modules.items() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if layer not in linears:
         raise ValueError(f"flain-layer={layer!r} is not a Linear layer of the model: choose 'auto' or one of {linears}")
     return layer

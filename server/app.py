@@ -2,16 +2,18 @@
 defenses on the final model, all written to the run directory.
 
 Flow: check the configuration -> load the test split (aux set + eval set) -> build the
-aggregation rule from its registry -> `strategy.start()` runs the rounds (each evaluated
-centrally) -> with W0 and the final arrays in hand, apply every post-training defense to
-the same trained model -> summary.json says `completed`, or `defense-failed` naming the
-defenses that raised (their siblings' results are still written).
+aggregation rule from its registry -> wrap it in `FlainDefense` (strategies/flain_defense.py,
+the same wrapper users add to their own apps): it keeps W0, runs the rounds (each evaluated
+centrally), then applies every post-training defense to the same trained model -> summary.json
+says `completed`, or `defense-failed` naming the defenses that raised (their siblings' results
+are still written).
 """
 
 from __future__ import annotations
 
 import time
 import traceback
+from functools import partial
 from logging import INFO
 
 import flwr
@@ -27,9 +29,11 @@ from experiment.hardware import pick_device, training_precision
 from experiment.seeds import int_seed
 from models import build_model
 from server.checks import check_experiment, resolved_settings
-from server.post_training import apply_post_defenses, make_evaluator, post_training_input
-from server.results import RunRecorder
+from server.post_training import make_evaluator, post_defenses
+from server.results import RunDir, RunRecorder
+from server.tracking import make_tracker
 from strategies import AGGREGATIONS
+from strategies.flain_defense import FlainDefense
 from strategies.aggregation.reply_guard import ReplyLimits
 
 app = ServerApp()
@@ -79,6 +83,7 @@ def main(grid: Grid, context: Context) -> None:
             "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
             "resolved": resolved_settings(cfg) | {"precision": precision, "precision-choice": how},
         },
+        tracker=make_tracker(cfg, RunDir(run_dir).tracking_dir),
     )
     log(INFO, "Run directory: %s", run_dir.resolve())
     log(INFO, "[flain] training precision: %s (%s)", precision, how)
@@ -125,15 +130,14 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     # Clients send the whole state_dict (parameters and buffers); see models/__init__.py.
     buffers = frozenset(name for name, _ in model.named_buffers())
     strategy = AGGREGATIONS[cfg.aggregation](cfg, buffers, reply_limits(cfg))
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds,
+    # W0, the rounds, then every post-training defense on the final model (saved as they come)
+    defended = FlainDefense(strategy, model_fn=partial(build_model, cfg.dataset, cfg.network),
+                            aux=(images[aux_idx], labels[aux_idx]), defenses=post_defenses(cfg),
+                            evaluate_fn=evaluator, sink=recorder, device=device)
+    result = defended.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds,
                             timeout=cfg.round_timeout, evaluate_fn=evaluate)
-    if not result.arrays:
+    if not result.undefended:
         raise TrainingProducedNoModel("no round produced an aggregated model: every client failed or was refused")
-    final_state = result.arrays.to_torch_state_dict()
-    recorder.save_model("final", final_state)
-
-    inp = post_training_input(cfg, final_state, initial_state, images[aux_idx], labels[aux_idx], device,
-                              grid=grid, strategy=strategy, last_round=rounds)
-    failed = apply_post_defenses(cfg, inp, evaluator, recorder)
-    recorder.finish(client_failures=getattr(strategy, "failures", []), failed_defenses=failed,
+    recorder.finish(client_failures=getattr(strategy, "failures", []),
+                    failed_defenses=[name for name, report in result.reports.items() if "error" in report],
                     attack_log=getattr(strategy, "attack_log", []))

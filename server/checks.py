@@ -17,6 +17,7 @@ import attacks
 import models
 from experiment import data, hardware
 from experiment.config import ExperimentConfig
+from server import tracking
 from strategies import aggregation, post_training
 
 CHECKS: tuple[Callable[[ExperimentConfig], None], ...] = (
@@ -26,6 +27,7 @@ CHECKS: tuple[Callable[[ExperimentConfig], None], ...] = (
     models.check,
     aggregation.check,
     post_training.check,
+    tracking.check,
 )
 
 

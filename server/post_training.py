@@ -4,13 +4,9 @@ every configured defense applied side by side to the same trained model."""
 
 from __future__ import annotations
 
-import time
-import traceback
-from logging import ERROR, INFO
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from flwr.common import log
 
 from attacks import trigger_scheme
 from experiment.config import ExperimentConfig
@@ -18,7 +14,8 @@ from experiment.data import to_float
 from models import build_model
 from server.evaluation import Evaluator
 from strategies import POST_DEFENSES
-from strategies.post_training import PostTrainingInput
+from strategies.flain_defense import DefenseSink, apply_defenses
+from strategies.post_training import PostTrainingDefense, PostTrainingInput
 
 
 def make_evaluator(cfg: ExperimentConfig, images: torch.Tensor, labels: torch.Tensor,
@@ -40,32 +37,14 @@ def post_training_input(cfg: ExperimentConfig, trained: dict[str, torch.Tensor],
                              aux_labels=aux_labels, **federation)
 
 
-class DefenseSink(Protocol):
-    """Where defended models and their results go (a run directory, or `flain defend`'s)."""
-
-    def save_model(self, name: str, state: dict[str, torch.Tensor]) -> object: ...
-
-    def post_defense(self, name: str, result: dict[str, Any]) -> None: ...
+def post_defenses(cfg: ExperimentConfig) -> dict[str, PostTrainingDefense]:
+    """The run's `post-defenses`, each with the run's settings."""
+    return {name: POST_DEFENSES[name].from_config(cfg) for name in cfg.post_defense_names}
 
 
 def apply_post_defenses(cfg: ExperimentConfig, inp: PostTrainingInput, evaluator: Evaluator,
                         sink: DefenseSink) -> list[str]:
-    """Every configured defense on the same trained model, side by side; the names of
-    those that failed (a broken defense must not cost the others their results)."""
-    failed = []
-    for name in cfg.post_defense_names:
-        started = time.perf_counter()
-        try:
-            state, info = POST_DEFENSES[name].from_config(cfg).apply(inp)
-        except Exception as exc:
-            log(ERROR, "[flain] post-defense %s FAILED:\n%s", name, traceback.format_exc())
-            sink.post_defense(name, {"error": f"{type(exc).__name__}: {exc}"})
-            failed.append(name)
-            continue
-        seconds = time.perf_counter() - started
-        m = evaluator(state)
-        sink.save_model(name, state)
-        sink.post_defense(name, {**m, "seconds": seconds, **info})
-        log(INFO, "[flain] post-defense %s: acc=%.4f asr=%.4f (%.1fs) %s", name, m["acc"], m["asr"], seconds, info)
-    return failed
-
+    """Every configured defense on a saved model, as the ServerApp's FlainDefense applies them
+    after training; the names of those that failed."""
+    _, reports = apply_defenses(inp, post_defenses(cfg), evaluator, sink)
+    return [name for name, report in reports.items() if "error" in report]

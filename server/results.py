@@ -25,6 +25,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from server.tracking import NoTracker, Tracker
+
 # seconds: the round's wall time, from the end of the previous round's evaluation to the end of
 # its own (training, aggregation, central evaluation); eval_seconds: that evaluation alone.
 # Round 0 is the initial model's evaluation only.
@@ -32,6 +34,7 @@ ROUNDS_HEADER = ["round", "acc", "asr", "seconds", "eval_seconds"]
 MARKER = ".flain-run"  # what makes a directory one of ours: `--overwrite` deletes nothing else
 CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, AUX_FILE, PLOT_FILE = "config.json", "rounds.csv", "summary.json", "aux.npy", "plot.png"
 DEFENDED_DIR = "defended"
+TRACKING_DIR = "tensorboard"  # tracker=tensorboard's event files
 CHECKPOINT_DIR = "checkpoints"  # checkpoints/round-R.pt: the global model after round R (checkpoint-every)
 ENDED = ("completed", "defense-failed", "failed", "interrupted")
 
@@ -123,8 +126,10 @@ def mark(run_dir: Path, kind: str) -> None:
 class RunRecorder:
     """Writes one run's artifacts as they happen (a crash still leaves the rounds)."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], extra: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any], extra: dict[str, Any],
+                 tracker: Tracker | None = None) -> None:
         self.dir = run_dir
+        self.tracker = tracker or NoTracker()
         mark(self.dir, "run")
         self.started = time.perf_counter()
         self.rounds: list[dict[str, float]] = []
@@ -139,6 +144,7 @@ class RunRecorder:
         self._write_rounds()
         self.summary["final"] = {"acc": acc, "asr": asr, "round": rnd}
         self._write_summary()
+        self.tracker.round(rnd, acc, asr, seconds)
 
     def _write_rounds(self) -> None:  # rewritten whole each round: small, and atomic
         out = io.StringIO()
@@ -164,6 +170,7 @@ class RunRecorder:
     def post_defense(self, name: str, result: dict[str, Any]) -> None:
         self.summary["post_defenses"][name] = result
         self._write_summary()
+        self.tracker.defense(name, result)
 
     def finish(self, client_failures: list[dict[str, Any]], failed_defenses: list[str],
                attack_log: list[dict[str, Any]] = ()) -> dict[str, Any]:
@@ -174,12 +181,14 @@ class RunRecorder:
         self.summary["status"] = "defense-failed" if failed_defenses else "completed"
         self.summary["seconds_total"] = time.perf_counter() - self.started
         self._write_summary()
+        self.tracker.close()
         plot(self.rounds, self.summary["post_defenses"], self.dir / PLOT_FILE)
         return self.summary
 
     def fail(self, error: str) -> None:
         self.summary.update(status="failed", error=error)
         self._write_summary()
+        self.tracker.close()
 
     def _write_summary(self) -> None:
         write_summary(self.dir, self.summary)
@@ -328,6 +337,11 @@ class RunDir:
     def model_file(self, name: str) -> Path:
         """initial, final, or a post-training defense's name."""
         return model_file(self.path, name)
+
+    @property
+    def tracking_dir(self) -> Path:
+        """tracker=tensorboard's event files."""
+        return self.path / TRACKING_DIR
 
     def checkpoint_file(self, rnd: int) -> Path:
         return checkpoint_file(self.path, rnd)

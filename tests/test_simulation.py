@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from launch.superlink import SOURCE_ROOT as PROJECT_ROOT
-from server.results import ROUNDS_HEADER
+from server.results import ROUNDS_HEADER, RunDir
 
 DATA = PROJECT_ROOT / "data"
 
@@ -100,7 +100,7 @@ def small_run(tmp_path_factory):
         [sys.executable, "-m", "launch.cli",
          "run", "--set", "num-clients=3", "--set", "num-rounds=2", "--set", "train-fraction=0.05",
          "--set", "mcr=0.34", "--set", "post-defenses='flain,pruning,fedpruning'",
-         "--set", "fedpruning-finetune-rounds=1", "--set", "attack='neurotoxin'",
+         "--set", "fedpruning-finetune-rounds=1", "--set", "attack='neurotoxin'", "--set", "tracker='tensorboard'",
          "--set", f"run-dir='{run_dir}'", "--set", f"data-dir='{DATA}'"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900, env=env,
     )
@@ -118,6 +118,21 @@ def test_failed_defense_is_reported_with_its_own_exit_code(small_run):
     assert set(summary["post_defenses"]) == {"flain", "pruning", "fedpruning"}
     assert "acc" in summary["post_defenses"]["flain"] and "acc" in summary["post_defenses"]["fedpruning"]
     assert not (run_dir / "pruning.pt").exists() and (run_dir / "flain.pt").exists()
+
+
+def test_tensorboard_events_are_the_runs_own_numbers(small_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = small_run
+    events = EventAccumulator(str(RunDir(run_dir).tracking_dir))
+    events.Reload()
+    rows = list(csv.DictReader((run_dir / "rounds.csv").open()))
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("round/acc")] == \
+        [(int(r["round"]), pytest.approx(float(r["acc"]), abs=1e-6)) for r in rows]
+    flain = json.loads((run_dir / "summary.json").read_text())["post_defenses"]["flain"]
+    assert events.Scalars("defense/flain/flipped")[0].value == flain["flipped"]
+    curve = events.Scalars("search/flain/aux_acc")
+    assert [e.step for e in curve] == flain["search_curve"]["flipped"] and len(curve) == flain["evaluations"]
 
 
 def test_artifacts(small_run):

@@ -119,9 +119,19 @@ class Flain(TauSettings):
         started = time.perf_counter()
         tau = TauView.of(inp.model, self.layer, inp.aux_images, inp.aux_labels)
         w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
-        fast = IncrementalFlips(tau.features, tau.labels, w0, tau.weight, tau.head._modules[tau.name].bias,
-                                tau.head[1:], lambda mask: tau.evaluate(flip_updates(w0, tau.weight, mask)))
-        result = flain_search(tau.activations, w0, tau.weight, self.step, self.rho, tau.evaluate, fast, self.start)
+        plain = lambda mask: tau.evaluate(flip_updates(w0, tau.weight, mask))  # noqa: E731
+        fast = None if tau.rest is None else IncrementalFlips(  # no split: the whole model scores each step
+            tau.features, tau.labels, w0, tau.weight, tau.bias, tau.rest, plain)
+        score = plain if fast is None else fast
+        curve: tuple[list[int], list[float]] = ([], [])  # the search's path: (flipped, aux accuracy)
+
+        def scored(mask: np.ndarray) -> float:
+            acc = score(mask)
+            curve[0].append(int(np.count_nonzero(mask)))
+            curve[1].append(acc)
+            return acc
+
+        result = flain_search(tau.activations, w0, tau.weight, self.step, self.rho, tau.evaluate, scored, self.start)
         state, aux_acc_after = tau.state_with(result.weight)
         info = {
             "layer": tau.name,
@@ -133,7 +143,9 @@ class Flain(TauSettings):
             "aux_acc_after": aux_acc_after,
             "exhausted": result.exhausted,
             "evaluations": result.evaluations,
-            "exact_fallbacks": fast.fallbacks,  # evaluations where a near-tie asked for the plain one
+            "exact_fallbacks": fast.fallbacks if fast is not None else None,  # near-ties scored the plain way
+            "split": tau.rest is not None,  # False: every step evaluated the whole model
+            "search_curve": {"flipped": curve[0], "aux_acc": curve[1]},
             "search_seconds": time.perf_counter() - started,
         }
         return state, info

@@ -43,7 +43,7 @@ from experiment.config import ExperimentConfig
 from strategies.post_training.base import PostTrainingInput
 from strategies.post_training.flain import flip_updates, rescale
 from strategies.post_training.flip_path import accuracy, flip_path_logits
-from strategies.post_training.tau import TauView
+from strategies.post_training.tau import TauNotUsable, TauView
 from strategies.post_training.threshold import thresholds
 
 SCORES = ("crossfit", "split", "same")
@@ -116,7 +116,10 @@ class FlainCV:
         up to and including the first count whose drop is beyond `tol` (the rule never looks
         further; the whole curve if none is)."""
         features, labels, w = tau.features, tau.labels, tau.weight
-        bias, rest = tau.head[0].bias, tau.head[1:]
+        bias, rest = tau.bias, tau.rest
+        if rest is None:
+            raise TauNotUsable(f"flain-cv scores subsets of the aux set after layer {tau.name!r}, which needs a model "
+                               "whose output is a function of tau's output (torch.fx-traceable, no skip around tau)")
 
         def walk(rank_on: np.ndarray, score_on: np.ndarray) -> Iterator[float]:
             order = np.argsort(features[torch.as_tensor(rank_on)].mean(0).double().cpu().numpy(), kind="stable")

@@ -1,0 +1,205 @@
+"""FLAIN added to any Flower strategy, in the style of Flower's DP wrappers.
+
+    strategy = FlainDefense(FedAvg(), model_fn=Net, aux=(aux_images, aux_labels))
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=10)
+    result.arrays      # the defended model (FLAIN, Ding et al., Algorithm 1)
+    result.undefended  # what the wrapped strategy trained
+    result.reports     # per defense: threshold, flipped inputs, seconds, your evaluate_fn's metrics
+
+The wrapper keeps W0 (the arrays `start()` receives), runs the wrapped strategy's own `start()`
+unchanged (FedAvg, RLR, Krum, a DP wrapper: its rounds, its aggregation), then applies each
+post-training defense to the final arrays with the server's clean aux set. It acts at the start
+and the end of training, so it must be the outermost wrapper (inside a DP wrapper its `start()`
+would never run). Defenses are the `post-defenses=` registry's (`strategies.post_training`);
+`fedpruning` asks the clients for rankings, which only our ClientApp answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import ERROR, INFO
+from typing import Any, Protocol
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from torch import nn
+
+from experiment.config import ExperimentConfig
+from experiment.data import to_float
+from strategies.post_training import POST_DEFENSES, PostTrainingDefense, PostTrainingInput
+
+StateDict = dict[str, torch.Tensor]
+# the metrics of a model (e.g. {"acc": ..., "asr": ...}), put beside each defense's report
+Scores = Callable[[StateDict], Mapping[str, float]]
+
+
+class DefenseSink(Protocol):
+    """Where defended models and their reports go as they are made (a run directory)."""
+
+    def save_model(self, name: str, state: StateDict) -> object: ...
+
+    def post_defense(self, name: str, result: dict[str, Any]) -> None: ...
+
+
+def apply_defenses(inp: PostTrainingInput, defenses: Mapping[str, PostTrainingDefense],
+                   evaluate_fn: Scores | None = None, sink: DefenseSink | None = None
+                   ) -> tuple[dict[str, StateDict], dict[str, dict[str, Any]]]:
+    """Every defense on the same trained model, side by side: (defended state_dicts, reports).
+    A defense that raises gets {"error": ...} as its report and no model; the others go on."""
+    states: dict[str, StateDict] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for name, defense in defenses.items():
+        started = time.perf_counter()
+        try:
+            state, info = defense.apply(inp)
+        except Exception as exc:
+            log(ERROR, "[flain] post-defense %s FAILED:\n%s", name, traceback.format_exc())
+            reports[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            if sink is not None:
+                sink.post_defense(name, reports[name])
+            continue
+        seconds = time.perf_counter() - started
+        states[name] = state
+        reports[name] = {**(dict(evaluate_fn(state)) if evaluate_fn else {}), "seconds": seconds, **info}
+        if sink is not None:
+            sink.save_model(name, state)
+            sink.post_defense(name, reports[name])
+        log(INFO, "[flain] post-defense %s (%.1fs): %s", name, seconds,
+            {k: v for k, v in reports[name].items() if k != "seconds"})
+    return states, reports
+
+
+def build_defenses(names: Sequence[str], **settings: Any) -> dict[str, PostTrainingDefense]:
+    """Registry defenses by name, each given the `settings` it has a field for (step, rho,
+    layer, start, ...); the rest keep their defaults (experiment/config.py)."""
+    built = {}
+    for name in names:
+        if name not in POST_DEFENSES:
+            raise ValueError(f"unknown post-training defense {name!r}: choose from {sorted(POST_DEFENSES)}")
+        cls = POST_DEFENSES[name]
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        built[name] = cls(**{k: v for k, v in settings.items() if k in known})
+    return built
+
+
+def _aux(aux: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        images, labels = aux
+    except (TypeError, ValueError):
+        raise ValueError("aux must be a pair (images N x C x H x W, labels N)") from None
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    if len(images) == 0 or len(images) != len(labels) or labels.dim() != 1:
+        raise ValueError(f"aux images {tuple(images.shape)} and labels {tuple(labels.shape)}: "
+                         "need N >= 1 images and N labels")
+    if labels.is_floating_point():
+        raise ValueError("aux labels must be integer class indices")
+    return to_float(images), labels.long()
+
+
+@dataclass
+class DefendedResult(Result):
+    """Flower's `Result` whose `arrays` are the defended model (the first defense that
+    succeeded; the trained model itself if none did), with the rest kept beside it."""
+
+    undefended: ArrayRecord = field(default_factory=ArrayRecord)  # the wrapped strategy's final model
+    defended: dict[str, ArrayRecord] = field(default_factory=dict)  # every defense that succeeded
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # every defense, "error" if it failed
+
+
+class FlainDefense(Strategy):
+    """Wrap `strategy` so that its final model is defended after the last round.
+
+    Parameters
+    ----------
+    strategy: the Flower strategy that trains (run unchanged).
+    model_fn: builds the model the arrays belong to (any `torch.nn.Module`).
+    aux: the server's clean auxiliary set, (images, labels); images float in [0, 1] or uint8.
+    layer: tau, the Linear layer whose input columns are flipped, by name; "auto": the first
+        Linear after the last convolution in module order.
+    defenses: registry names (`flain`, `flain-cv`, `pruning`, `fedpruning`), or name -> defense
+        (empty: the trained model is returned as it is).
+    step, rho, start: Algorithm 1's threshold step, accuracy-drop tolerance and first
+        threshold (None: the minimum activation + step, as the paper).
+    evaluate_fn: metrics of a state_dict (e.g. ACC and ASR on your test set), in each report.
+    sink: receives the final model and every defended model and report as they are made.
+    device: where the defenses compute (default: the model's own device).
+    """
+
+    def __init__(self, strategy: Strategy, *, model_fn: Callable[[], nn.Module],
+                 aux: tuple[torch.Tensor, torch.Tensor], layer: str = ExperimentConfig.flain_layer,
+                 defenses: Sequence[str] | Mapping[str, PostTrainingDefense] = ("flain",),
+                 step: float = ExperimentConfig.flain_step, rho: float = ExperimentConfig.flain_rho,
+                 start: float | None = None, evaluate_fn: Scores | None = None, sink: DefenseSink | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a Flower Strategy, got {type(strategy).__name__}")
+        if isinstance(strategy, FlainDefense):
+            raise TypeError("strategy is already a FlainDefense: wrap it once, with every defense")
+        self.strategy = strategy
+        self.model_fn = model_fn
+        self.aux_images, self.aux_labels = _aux(aux)
+        self.defenses = (dict(defenses) if isinstance(defenses, Mapping)
+                         else build_defenses(defenses, layer=layer, step=step, rho=rho, start=start))
+        self.evaluate_fn, self.sink, self.device = evaluate_fn, sink, device
+
+    def __repr__(self) -> str:
+        return f"FlainDefense({self.strategy!r}, defenses={list(self.defenses)})"
+
+    def summary(self) -> None:
+        log(INFO, "\t├── post-training defenses: %s on %d aux images", ", ".join(self.defenses), len(self.aux_labels))
+        self.strategy.summary()
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> DefendedResult:
+        """The wrapped strategy's `start()`, then every defense on its final arrays."""
+        w0 = {k: v.clone() for k, v in initial_arrays.to_torch_state_dict().items()}
+        result = self.strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
+                                     timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
+                                     evaluate_fn=evaluate_fn)
+        kept = {f.name: getattr(result, f.name) for f in dataclasses.fields(Result)}
+        if not result.arrays:  # no round aggregated anything: nothing to defend
+            return DefendedResult(**kept, undefended=result.arrays)
+        final = result.arrays.to_torch_state_dict()
+        if self.sink is not None:
+            self.sink.save_model("final", final)
+        states, reports = self.defend(final, w0, grid=grid, last_round=num_rounds)
+        first = next(iter(states), None)
+        kept["arrays"] = ArrayRecord(states[first]) if first else result.arrays
+        return DefendedResult(**kept, undefended=result.arrays,
+                              defended={n: ArrayRecord(s) for n, s in states.items()}, reports=reports)
+
+    def defend(self, final: StateDict, initial: StateDict, grid: Grid | None = None, last_round: int = 0
+               ) -> tuple[dict[str, StateDict], dict[str, dict[str, Any]]]:
+        """The defenses on a trained model (final) with its W0 (initial), without training."""
+        model = self.model_fn()
+        if self.device is not None:
+            model = model.to(self.device)
+        model.load_state_dict(final)
+        inp = PostTrainingInput(model=model, initial_state=initial, aux_images=self.aux_images,
+                                aux_labels=self.aux_labels, grid=grid, strategy=self.strategy, last_round=last_round)
+        return apply_defenses(inp, self.defenses, self.evaluate_fn, self.sink)
+
+    # ---- training is the wrapped strategy's, unchanged --------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
