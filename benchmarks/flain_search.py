@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.training import train_local  # noqa: E402
+from models.training import train_local  # noqa: E402
 from experiment.data import load, split_test, to_float  # noqa: E402
 from models import build_model, split_at  # noqa: E402
 from strategies.post_training.flain import flain_search, flain_search_reference  # noqa: E402

@@ -47,7 +47,8 @@ from server.results import RunDir  # noqa: E402
 def _train_clients(args: tuple[dict, list[int], int, str]) -> float:
     run_config, clients, threads, precision = args
     torch.set_num_threads(threads)
-    from client.training import client_data, train_local
+    from client.training import client_data
+    from models.training import train_local
     from models import build_model
 
     cfg = ExperimentConfig.from_run_config(run_config)

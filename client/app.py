@@ -7,7 +7,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from attacks import ATTACKS, AttackContext, ModelAttack
-from client.training import clean_sample, client_data, input_ranks, train_local
+from client.training import clean_sample, client_data, input_ranks
+from models.training import train_local
 from experiment import seeds
 from experiment.config import ExperimentConfig
 from experiment.hardware import pick_device, training_precision

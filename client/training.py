@@ -9,11 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks import AttackContext, ModelAttack, malicious_clients, poison, trigger_scheme
+from attacks import malicious_clients, poison, trigger_scheme
 from experiment import seeds
 from experiment.config import ExperimentConfig
 from experiment.data import load, partition_indices, subsample, to_float
-from experiment.hardware import autocast
 from models import inference_batches, split_at
 
 
@@ -62,56 +61,6 @@ def clean_sample(data: ClientData, size: int = 512) -> tuple[torch.Tensor, torch
     order), as floats: what an attack measures the clean behaviour on."""
     idx = torch.nonzero(~data.poisoned_mask).flatten()[:size]
     return to_float(data.images[idx]), data.labels[idx]
-
-
-def train_local(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    generator: torch.Generator,
-    precision: str = "fp32",
-    attack: ModelAttack | None = None,
-    ctx: AttackContext | None = None,
-    poisoned: torch.Tensor | None = None,
-) -> float:
-    """Adam (betas 0.9/0.999), cross-entropy; returns the mean loss of the last epoch.
-
-    Batch order comes from `generator`; runs channels-last (same math, faster
-    convolutions) under `precision` autocast. A malicious client's `attack` hooks in: an
-    extra loss term (`poisoned` says which images carry the trigger), gradient masks after
-    backward, projections after each step."""
-    if attack is not None and (ctx is None or poisoned is None):
-        raise ValueError("an attack needs its AttackContext and the poisoned mask")
-    device = next(model.parameters()).device
-    model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    mean_loss = float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        total, seen = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            x = to_float(images[batch]).to(device, memory_format=torch.channels_last)
-            y = labels[batch].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                loss = loss_fn(model(x), y)
-                extra = attack.extra_loss(ctx, x, poisoned[batch].to(device)) if attack else None
-            (loss if extra is None else loss + extra).backward()
-            if attack:
-                attack.after_backward(ctx)
-            optimizer.step()
-            if attack:
-                attack.after_step(ctx)
-            total += loss.item() * len(batch)
-            seen += len(batch)
-        mean_loss = total / max(seen, 1)
-    return mean_loss
 
 
 def input_ranks(model: nn.Sequential, layer: str, images: torch.Tensor) -> np.ndarray:

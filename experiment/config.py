@@ -74,6 +74,10 @@ class ExperimentConfig:
     trim_beta: float = 0.2
     invariant_threshold: float = 0.6
     invariant_beta: float = 0.1
+    flame_lambda: float = 0.001  # flame: noise std = lambda x the round's clip bound (the paper: 0.001 for images)
+    clip_norm: float = 3.0  # norm-clipping, weak-dp: C, the L2 bound of every update (Sun et al. 2019)
+    dp_sigma: float = 0.025  # weak-dp: std of the Gaussian noise on every parameter of the aggregate
+    fltrust_root_size: int = 100  # fltrust: the server's clean root set, drawn from the test split outside the aux set
     post_defenses: str = "flain,flain-cv"
     flain_step: float = 0.001
     flain_start: float = -1.0  # the first threshold; -1: min(activation) + flain-step (the paper)
@@ -216,6 +220,11 @@ class ExperimentConfig:
         if not 0 <= self.invariant_beta < 0.5:
             raise ConfigError(f"invariant-beta={self.invariant_beta} is not allowed: must satisfy 0 <= value < 0.5")
         unit_interval("invariant-threshold", self.invariant_threshold, low_open=False)
+        if not self.flame_lambda >= 0:
+            raise ConfigError(f"flame-lambda={self.flame_lambda} is not allowed: must be >= 0 (0 = no noise)")
+        positive("clip-norm", self.clip_norm)
+        positive("dp-sigma", self.dp_sigma)
+        at_least("fltrust-root-size", self.fltrust_root_size, 1)
         if not 0 <= self.fedpruning_rate < 1:
             raise ConfigError(f"fedpruning-rate={self.fedpruning_rate} is not allowed: 0 (adaptive) or 0 < value < 1")
         if not self.fedpruning_extreme >= 0:

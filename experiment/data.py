@@ -421,6 +421,21 @@ def aux_split(cfg: ExperimentConfig, labels: np.ndarray) -> tuple[np.ndarray, np
     return aux, np.flatnonzero(rest)
 
 
+def root_split(cfg: ExperimentConfig, labels: np.ndarray, aux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FLTrust's root set, the evaluation set) of the test split outside the aux set: with
+    aggregation=fltrust a seeded draw of fltrust-root-size images, disjoint from the aux set
+    and left out of ACC/ASR; otherwise no root set and every non-aux image is scored."""
+    rest = np.ones(len(labels), dtype=bool)
+    rest[aux] = False
+    outside = np.flatnonzero(rest)
+    if cfg.aggregation != "fltrust":
+        return np.array([], dtype=np.int64), outside
+    order = seeds.rng(cfg.seed, "fltrust-root").permutation(len(outside))
+    root = np.sort(outside[order[: cfg.fltrust_root_size]])
+    rest[root] = False
+    return root, np.flatnonzero(rest)
+
+
 def check(cfg: ExperimentConfig) -> None:
     """The data set, the split and the labels can work (raises ConfigError)."""
     choice("dataset", cfg.dataset, DATASETS)
@@ -433,6 +448,9 @@ def check(cfg: ExperimentConfig) -> None:
     for key, label in (("source-label", cfg.source_label), ("target-label", cfg.target_label)):
         if not 0 <= label < spec.num_classes:
             raise ConfigError(f"{key}={label} is not a class of {cfg.dataset}: allowed 0..{spec.num_classes - 1}")
+    if cfg.aggregation == "fltrust" and aux_size(cfg) + cfg.fltrust_root_size >= spec.test_size:
+        raise ConfigError(f"aux-size {aux_size(cfg)} + fltrust-root-size {cfg.fltrust_root_size} leave no test images "
+                          f"to score on ({cfg.dataset} has {spec.test_size})")
     if aux_size(cfg) >= spec.test_size:
         raise ConfigError(
             f"aux-size={cfg.aux_size} leaves no test images to score on: allowed 0 (the paper's "

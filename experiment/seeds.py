@@ -21,6 +21,10 @@ PURPOSES: dict[str, int] = {
     "aux-split": 7,  # the server's aux set / eval set split of the test split
     "init": 8,  # the initial global model
     "aux-folds": 9,  # flain-cv: the folds of the aux set
+    "flame-noise": 10,  # aggregation=flame: the noise on the aggregate, per round
+    "weak-dp-noise": 11,  # aggregation=weak-dp: the noise on the aggregate, per round
+    "fltrust-root": 12,  # aggregation=fltrust: the server's root set in the test split
+    "fltrust-batches": 13,  # aggregation=fltrust: batch order of the server's training, per round
 }
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from experiment.config import ConfigError, ExperimentConfig, default_run_config
-from experiment.data import aux_size, aux_split, load, split_test, to_float
+from experiment.data import aux_size, aux_split, load, root_split, split_test, to_float
 from experiment.hardware import pick_device
 from launch.tables import read_run
 from launch.external import ImageSet, image_set, model_factory, state_dict
@@ -114,8 +114,8 @@ def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label:
     device = pick_device()
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
     aux_idx, source = aux_indices(run, run_config, cfg, labels.numpy(), overrides)
-    eval_mask = np.ones(len(labels), dtype=bool)
-    eval_mask[aux_idx] = False
+    eval_mask = np.zeros(len(labels), dtype=bool)
+    eval_mask[root_split(cfg, labels.numpy(), aux_idx)[1]] = True  # outside the aux set (and FLTrust's root set)
     evaluator = make_evaluator(cfg, images[eval_mask], labels[eval_mask], device)
     like = build_model(cfg.dataset, cfg.network).state_dict()
     initial = run.load_model("initial", like, device)

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from attacks import malicious_clients
 from experiment.config import ExperimentConfig
-from experiment.data import aux_split, load, num_rounds, partition_sizes
+from experiment.data import aux_split, load, num_rounds, partition_sizes, root_split
 from experiment.hardware import pick_device, training_precision
 from experiment.seeds import int_seed
 from models import build_model
@@ -97,7 +97,8 @@ def main(grid: Grid, context: Context) -> None:
 
 def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunRecorder) -> None:
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    aux_idx, eval_idx = aux_split(cfg, labels.numpy())
+    aux_idx, _ = aux_split(cfg, labels.numpy())
+    _, eval_idx = root_split(cfg, labels.numpy(), aux_idx)  # FLTrust's root set is scored by nobody
     recorder.save_aux(aux_idx)  # `flain defend` re-applies defenses with exactly this aux set
     evaluator = make_evaluator(cfg, images[eval_idx], labels[eval_idx], device)
     torch.manual_seed(int_seed(cfg.seed, "init"))  # the initial global model depends on the seed only
@@ -140,4 +141,4 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
         raise TrainingProducedNoModel("no round produced an aggregated model: every client failed or was refused")
     recorder.finish(client_failures=getattr(strategy, "failures", []),
                     failed_defenses=[name for name, report in result.reports.items() if "error" in report],
-                    attack_log=getattr(strategy, "attack_log", []))
+                    attack_log=getattr(strategy, "attack_log", []), defense_log=getattr(strategy, "defense_log", []))

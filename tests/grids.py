@@ -44,3 +44,18 @@ class LocalGrid(Grid):
 
     def pull_messages(self, message_ids):
         raise NotImplementedError
+
+
+def build_rule(name: str, cfg, buffers: frozenset[str] = frozenset(), limits: ReplyLimits = LIMITS):
+    """The `aggregation=` registry's rule for toy arrays. FLTrust's server update (training the
+    data set's model on its root set) cannot run on them: it becomes a fixed direction, every
+    parameter +1 from the global model (the real one runs in test_robust_rules' simulation)."""
+    from strategies import AGGREGATIONS
+    from strategies.aggregation import _common
+    from strategies.aggregation.fltrust import FLTrust
+    from strategies.aggregation.reply_guard import guarded
+
+    if name != "fltrust":
+        return AGGREGATIONS[name](cfg, buffers, limits)
+    return guarded(FLTrust)(server_update=lambda rnd, arrays: {k: v + 1 for k, v in arrays.items()},
+                            buffer_keys=buffers, **_common(cfg, limits))

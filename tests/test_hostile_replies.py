@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from experiment.config import ExperimentConfig
 from strategies import AGGREGATIONS
 from strategies.aggregation.reply_guard import TRAIN_METRICS, ReplyLimits, metrics_problem
-from tests.grids import LIMITS, LocalGrid, train_metrics
+from tests.grids import LIMITS, LocalGrid, build_rule, train_metrics
 
 N = 8  # Bulyan with krum-f=1 needs 7 replies: the honest ones without the liar
 SHAPE = (2, 3)
@@ -86,7 +86,7 @@ CASES = ["examples-inf", "examples-huge", "examples-negative", "examples-zero", 
 
 def _strategy(name: str):
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name, krum_f=1, multikrum_m=3, invariant_beta=0.2)
-    return AGGREGATIONS[name](cfg, frozenset(), LIMITS)
+    return build_rule(name, cfg)
 
 
 def _round(strategy, contents: dict[int, RecordDict]):
@@ -157,7 +157,7 @@ def test_an_aggregate_beyond_float32_keeps_the_global_model(name):
     (RLR with eta 10 moves 10 x the mean update): the round is refused, recorded, and the
     model stays; a rule whose aggregate fits is unaffected."""
     cfg = ExperimentConfig.defaults(num_clients=3, aggregation=name, rlr_eta=10.0)
-    strategy = AGGREGATIONS[name](cfg, frozenset(), LIMITS)
+    strategy = build_rule(name, cfg)
     base = np.full(SHAPE, 3.0e38, np.float32)
     sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(base)}), ConfigRecord(), LocalGrid(3)))
     replies = [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(np.full(SHAPE, 3.3e38, np.float32))}),
@@ -205,7 +205,7 @@ def test_a_scalar_buffer_keeps_its_shape_through_the_guard(name):
     """BatchNorm's num_batches_tracked is a 0-d int64 array: the aggregate the guard hands on
     must still be 0-d int64, or every client is refused next round."""
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name, krum_f=1, multikrum_m=3, invariant_beta=0.2)
-    strategy = AGGREGATIONS[name](cfg, frozenset({"n"}), LIMITS)
+    strategy = build_rule(name, cfg, frozenset({"n"}))
     start = ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32)), "n": Array(np.array(3, np.int64))})
     sent = list(strategy.configure_train(1, start, ConfigRecord(), LocalGrid(N)))
     replies = [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(_weights(m.metadata.dst_node_id - 1)),

@@ -13,7 +13,7 @@ from attacks.flain_aware import FlainAware, low_activation_inputs
 from attacks.neurotoxin import PREVIOUS, Neurotoxin, top_share_mask
 from attacks.pgd import PGD
 from attacks.scaling import Scaling
-from client.training import train_local
+from models.training import train_local
 from experiment.config import ConfigError, ExperimentConfig
 from experiment.data import to_float
 from server.checks import check_experiment

@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from experiment.config import ExperimentConfig
 from strategies import AGGREGATIONS
-from tests.grids import LIMITS, LocalGrid, train_metrics
+from tests.grids import LIMITS, LocalGrid, build_rule, train_metrics
 
 N = 7  # enough clients for Bulyan with krum-f=1 (n >= 4f + 3)
 
@@ -32,7 +32,7 @@ def _state(w: np.ndarray, mean: float, count: int) -> ArrayRecord:
 def test_rule_aggregates_replies(name):
     cfg = ExperimentConfig.defaults(num_clients=N, aggregation=name, krum_f=1, multikrum_m=3, invariant_beta=0.2)
     buffers = frozenset({"bn.running_mean", "bn.num_batches_tracked"})
-    strategy = AGGREGATIONS[name](cfg, buffers, LIMITS)
+    strategy = build_rule(name, cfg, buffers)
     start = np.zeros((2, 3))
     sent = list(strategy.configure_train(1, _state(start, 0.0, 0), ConfigRecord(), LocalGrid(N)))
     assert len(sent) == N  # every client, every round
@@ -49,6 +49,10 @@ def test_rule_aggregates_replies(name):
     assert w.shape == (2, 3) and np.all(np.isfinite(w))
     if name == "fedavg":
         assert np.all(w < 0)  # the outlier drags the plain mean below zero
+    elif name == "foolsgold":
+        # built against sybils, not a lone outlier: honest clients that agree look like
+        # sybils to it (weight 0), and the one unlike everyone gets all the weight
+        assert np.array_equal(w, np.full((2, 3), -50.0, np.float32))
     elif name == "rlr":
         # 6 of 7 signs agree (|sum sign| = 5 >= theta 3): +mean step, still dragged by the outlier
         assert np.allclose(w, np.mean([r.content["arrays"]["fc.weight"].numpy() for r in replies], axis=0))

@@ -13,6 +13,10 @@ from typing import Any
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from experiment.config import ConfigError, ExperimentConfig, choice
+from strategies.aggregation.clipping import NormClipping
+from strategies.aggregation.flame import Flame
+from strategies.aggregation.fltrust import FLTrust, root_training
+from strategies.aggregation.foolsgold import FoolsGold
 from strategies.aggregation.invariant import InvariantAggregator
 from strategies.aggregation.reply_guard import ReplyLimits, guarded
 from strategies.aggregation.rlr import RobustLR
@@ -74,6 +78,33 @@ def invariant(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimit
         threshold=cfg.invariant_threshold, beta=cfg.invariant_beta, buffer_keys=buffers, **_common(cfg, limits))
 
 
+def flame(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
+    """FLAME (Nguyen et al., USENIX Security 2022): HDBSCAN on cosine distances, median-norm clip, noise."""
+    return guarded(Flame)(noise=cfg.flame_lambda, seed=cfg.seed, buffer_keys=buffers, **_common(cfg, limits))
+
+
+def fltrust(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
+    """FLTrust (Cao et al., NDSS 2021): trust = ReLU(cosine) with the server's update on its root set."""
+    return guarded(FLTrust)(server_update=root_training(cfg), root_size=cfg.fltrust_root_size, buffer_keys=buffers,
+                            **_common(cfg, limits))
+
+
+def foolsgold(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
+    """FoolsGold (Fung et al., RAID 2020): similar update histories get small weights."""
+    return guarded(FoolsGold)(buffer_keys=buffers, **_common(cfg, limits))
+
+
+def norm_clipping(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
+    """Norm clipping (Sun et al. 2019): every update clipped to clip-norm, then FedAvg."""
+    return guarded(NormClipping)(clip=cfg.clip_norm, buffer_keys=buffers, **_common(cfg, limits))
+
+
+def weak_dp(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
+    """Weak DP (Sun et al. 2019): norm clipping plus Gaussian noise of std dp-sigma."""
+    return guarded(NormClipping)(clip=cfg.clip_norm, sigma=cfg.dp_sigma, seed=cfg.seed, buffer_keys=buffers,
+                                 **_common(cfg, limits))
+
+
 # builder(cfg, BatchNorm buffer keys, reply limits) -> Flower strategy
 AGGREGATIONS: dict[str, Callable[[ExperimentConfig, frozenset[str], ReplyLimits], Strategy]] = {
     "fedavg": fedavg,
@@ -84,6 +115,11 @@ AGGREGATIONS: dict[str, Callable[[ExperimentConfig, frozenset[str], ReplyLimits]
     "trimmed-mean": trimmed_mean,
     "median": median,
     "invariant": invariant,
+    "flame": flame,
+    "fltrust": fltrust,
+    "foolsgold": foolsgold,
+    "norm-clipping": norm_clipping,
+    "weak-dp": weak_dp,
 }
 
 

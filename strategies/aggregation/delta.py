@@ -9,6 +9,7 @@ buffers get the example-weighted mean (as FedAvg), integer counters the maximum.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -28,6 +29,16 @@ def aggregate_buffer(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.tensordot(weights / weights.sum(), values, axes=1).astype(values.dtype)
 
 
+@dataclass
+class Combined:
+    """One round's aggregate as a rule decides it."""
+
+    steps: dict[str, np.ndarray]  # parameter name -> global step (float64)
+    buffer_weights: np.ndarray  # per client, for the BatchNorm statistics (0: left out)
+    log: dict[str, Any] = field(default_factory=dict)  # what the rule did (summary.json: defense_log)
+    refusal: str | None = None  # set: the global model stays, and this is recorded
+
+
 class DeltaStrategy(FailureLog, FedAvg):
     """FedAvg whose parameter aggregation is `global + step(updates, weights)`."""
 
@@ -35,6 +46,7 @@ class DeltaStrategy(FailureLog, FedAvg):
         super().__init__(*args, **kwargs)
         self.buffer_keys = frozenset(buffer_keys)
         self._sent: ArrayRecord | None = None
+        self.defense_log: list[dict[str, Any]] = []  # per round: what the rule did (whole-model rules)
 
     def step(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """clients x shape updates, client weights -> the global step (shape)."""
@@ -58,24 +70,37 @@ class DeltaStrategy(FailureLog, FedAvg):
             self.record(server_round, 0, "refused", reason)
             return None, None
         contents = [msg.content for msg in valid]
-        weights = np.array(
-            [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
-        )
+        metrics = [next(iter(c.metric_records.values())) for c in contents]
+        weights = np.array([float(m[self.weighted_by_key]) for m in metrics])
         records = [next(iter(c.array_records.values())) for c in contents]
+        base = {key: sent.numpy() for key, sent in self._sent.items()}
+        # in float64: finite float32 replies near the type's limit must not overflow in the
+        # step; a result beyond float32 becomes Inf, which the reply guard refuses
+        updates = {key: np.stack([r[key].numpy() for r in records]).astype(np.float64) - base[key].astype(np.float64)
+                   for key in base if key not in self.buffer_keys}
+        partitions = [int(m["partition-id"]) if "partition-id" in m else i for i, m in enumerate(metrics)]
+        combined = self.combine(server_round, updates, weights, partitions)
+        if combined.refusal is not None:
+            log(WARNING, "round %d refused by %s: %s", server_round, type(self).__name__, combined.refusal)
+            self.record(server_round, 0, "refused", combined.refusal)
+            return None, None
+        if combined.log:
+            self.defense_log.append({"round": server_round, **combined.log})
         out: dict[str, Array] = {}
-        for key, sent in self._sent.items():
-            base = sent.numpy()
-            clients = np.stack([r[key].numpy() for r in records])
+        for key, sent in base.items():
             if key in self.buffer_keys:
-                out[key] = Array(np.asarray(aggregate_buffer(clients, weights)))
+                clients = np.stack([r[key].numpy() for r in records])
+                out[key] = Array(np.asarray(aggregate_buffer(clients, combined.buffer_weights)))
                 continue
-            # in float64: finite float32 replies near the type's limit must not overflow in the
-            # step; a result beyond float32 becomes Inf, which the reply guard refuses
-            wide = base.astype(np.float64)
             with np.errstate(over="ignore"):
-                new = (wide + self.step(clients.astype(np.float64) - wide, weights)).astype(base.dtype)
-            out[key] = Array(np.asarray(new))
+                out[key] = Array(np.asarray((sent.astype(np.float64) + combined.steps[key]).astype(sent.dtype)))
         return ArrayRecord(out), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def combine(self, server_round: int, updates: dict[str, np.ndarray], weights: np.ndarray,
+                partitions: list[int]) -> Combined:
+        """The global step of every parameter (`step`, tensor by tensor; whole-model rules
+        override this), the clients' weights for the BatchNorm statistics, what was done."""
+        return Combined({key: self.step(u, weights) for key, u in updates.items()}, weights)
 
     def settings(self) -> dict[str, str]:
         """The rule's own settings, for Flower's start-up log."""
@@ -89,3 +114,28 @@ class DeltaStrategy(FailureLog, FedAvg):
         for i, (name, value) in enumerate(items.items()):
             log(INFO, "\t│\t%s %s: %s", "└──" if i == len(items) - 1 else "├──", name, value)
         super().summary()
+
+
+class WholeModelRule(DeltaStrategy):
+    """Rules that judge each client by its whole update (norms and cosines over every
+    parameter, BatchNorm buffers left out): `judge` gets clients x D updates (float64) and
+    returns the D-dimensional global step."""
+
+    def judge(self, server_round: int, updates: np.ndarray, weights: np.ndarray,
+              partitions: list[int]) -> Combined:
+        """`Combined` whose `steps` holds the flat step under the key "" (split back here)."""
+        raise NotImplementedError
+
+    def combine(self, server_round: int, updates: dict[str, np.ndarray], weights: np.ndarray,
+                partitions: list[int]) -> Combined:
+        keys = list(updates)
+        flat = np.concatenate([updates[k].reshape(len(weights), -1) for k in keys], axis=1)
+        judged = self.judge(server_round, flat, weights, partitions)
+        if judged.refusal is not None:
+            return judged
+        step, steps, start = judged.steps[""], {}, 0
+        for key in keys:
+            size = int(np.prod(updates[key].shape[1:], dtype=np.int64))
+            steps[key] = step[start:start + size].reshape(updates[key].shape[1:])
+            start += size
+        return Combined(steps, judged.buffer_weights, judged.log)

@@ -1,0 +1,258 @@
+"""FLAME, FoolsGold, norm clipping and weak DP on constructed updates, against hand-computed
+values: a planted group of colluding updates is excluded (FLAME) or weighted 0 (FoolsGold),
+clipping bounds the norm exactly, the noise has the configured std, and the rules keep
+BatchNorm statistics out of clipping and noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from experiment.config import ExperimentConfig
+from strategies import AGGREGATIONS
+from strategies.aggregation.clipping import clipped_mean
+from strategies.aggregation.flame import clip_to, cosine_distances, flame_step, largest_cluster
+from strategies.aggregation.fltrust import fltrust_step
+from strategies.aggregation.foolsgold import foolsgold_weights
+from tests.grids import LIMITS, LocalGrid, build_rule, train_metrics
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _planted(honest: int = 7, colluding: int = 3, dim: int = 50, seed: int = 0):
+    """Honest updates in independent random directions, colluders near one shared direction."""
+    rng = np.random.default_rng(seed)
+    good = rng.standard_normal((honest, dim))
+    bad = 3.0 * rng.standard_normal(dim) + 0.01 * rng.standard_normal((colluding, dim))
+    return np.vstack([good, bad])
+
+
+# ---- FLAME ---------------------------------------------------------------------------------
+def test_cosine_distances_by_hand():
+    d = cosine_distances(np.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [1.0, 1.0]]))
+    s = 1 / np.sqrt(2)
+    want = np.array([[0, 1, 2, 1 - s], [1, 0, 1, 1 - s], [2, 1, 0, 1 + s], [1 - s, 1 - s, 1 + s, 0]])
+    assert np.allclose(d, want, atol=1e-12)
+
+
+def test_flame_clusters_out_a_colluding_minority():
+    # the honest majority is one loose cluster (min_cluster_size 6 of 10), the colluders another
+    rng = np.random.default_rng(1)
+    honest = np.ones(40) + 0.3 * rng.standard_normal((7, 40))
+    colluders = -np.ones(40) + 0.01 * rng.standard_normal((3, 40))
+    admitted = largest_cluster(cosine_distances(np.vstack([honest, colluders])))
+    # every colluder out; the admitted cluster is honest and a majority (HDBSCAN may call the
+    # honest model farthest from the rest noise: FLAME then leaves it out too)
+    assert not admitted[7:].any() and admitted[:7].sum() >= 6
+
+
+def test_flame_step_clips_admitted_updates_to_the_median_norm_and_averages_them():
+    updates = np.array([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0], [0.3, 0.4], [-100.0, 0.0]])  # norms 5, 1, 10, .5, 100
+    models = np.array([[1.0, 1.0], [1.0, 1.2], [1.0, 0.9], [0.9, 1.0], [-1.0, 0.0]])  # the last points away
+    step, admitted, bound, factors = flame_step(models, updates, 0.0, np.random.default_rng(0))
+    assert admitted.tolist() == [True, True, True, True, False] and bound == 5.0  # median of all five norms
+    assert np.allclose(factors, [1.0, 1.0, 0.5, 1.0])
+    assert np.allclose(step, ([3.0, 4.0] + np.array([0.0, 1.0]) + [3.0, 4.0] + [0.3, 0.4]) / 4)  # plain mean
+
+
+def test_flame_noise_has_std_lambda_times_the_bound():
+    updates = np.zeros((5, 200_000))
+    updates[:, 0] = [1.0, 2.0, 3.0, 4.0, 5.0]  # median norm 3
+    step, _, bound, _ = flame_step(updates + 1.0, updates, 0.01, np.random.default_rng(5))
+    assert bound == 3.0 and np.std(step[1:]) == pytest.approx(0.03, rel=0.01)
+
+
+# ---- FoolsGold -----------------------------------------------------------------------------
+def test_foolsgold_gives_identical_sybils_zero_and_distinct_clients_one():
+    histories = np.vstack([np.eye(8)[:5], np.tile(np.eye(8)[5], (3, 1))])  # 5 orthogonal, 3 identical
+    assert foolsgold_weights(histories).tolist() == [1.0] * 5 + [0.0] * 3
+
+
+def test_foolsgold_pardons_and_takes_the_logit_by_hand():
+    # two clients at cosine 0.6, a third at 0.8 with one of them: v = [.8, .6, .8]
+    h = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.8, 0.0, 0.6]])
+    cs = h @ h.T - np.eye(3)  # unit rows
+    assert np.allclose(cs[0], [0, 0.6, 0.8]) and np.allclose(cs[1], [0.6, 0, 0.48])
+    # pardoning: client 1 (v .6) has its similarity to 0 and 2 (v .8) scaled by .6/.8
+    alpha = 1 - np.array([0.8, 0.6 * 0.75, 0.8])  # [.2, .55, .2]
+    alpha = alpha / alpha.max()
+    alpha[alpha == 1] = 0.99
+    want = np.clip(np.log(alpha / (1 - alpha)) + 0.5, 0, 1)  # [logit(.3636) + .5 = -.06 -> 0, 1, 0]
+    assert np.allclose(foolsgold_weights(h), want) and want.tolist() == [0.0, 1.0, 0.0]
+
+
+def _state(w: np.ndarray, mean: float = 0.0, count: int = 0) -> ArrayRecord:
+    return ArrayRecord({"fc.weight": Array(w.astype(np.float32)),
+                        "bn.running_mean": Array(np.full(2, mean, np.float32)),
+                        "bn.num_batches_tracked": Array(np.array(count, np.int64))})
+
+
+BUFFERS = frozenset({"bn.running_mean", "bn.num_batches_tracked"})
+
+
+def _round(strategy, rnd, start, updates, nodes=None, examples=None):
+    nodes = nodes or list(range(1, len(updates) + 1))
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(rnd, _state(start), ConfigRecord(),
+                                                                         LocalGrid(max(nodes)))}
+    replies = [Message(content=RecordDict({"arrays": _state(start + u, float(i), 3 + i),
+                                           "metrics": train_metrics((examples or [10] * len(nodes))[i], node - 1)}),
+                       reply_to=sent[node]) for i, (node, u) in enumerate(zip(nodes, updates))]
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    return arrays
+
+
+def test_foolsgold_history_is_kept_by_partition_through_a_missed_round():
+    cfg = ExperimentConfig.defaults(num_clients=4, aggregation="foolsgold")
+    strategy = AGGREGATIONS["foolsgold"](cfg, BUFFERS, LIMITS)
+    e = np.eye(6).reshape(6, 2, 3)
+    start = np.zeros((2, 3))
+    _round(strategy, 1, start, [e[0], e[1], e[2], e[3]])
+    _round(strategy, 2, start, [e[1], e[2], e[3]], nodes=[2, 3, 4])  # partition 0 misses round 2
+    _round(strategy, 3, start, [e[4], e[1], e[2], e[3]])
+    h = strategy.histories
+    assert np.array_equal(h[0], (e[0] + e[4]).ravel()) and np.array_equal(h[1], 3 * e[1].ravel())
+    log = strategy.defense_log
+    assert [entry["round"] for entry in log] == [1, 2, 3] and set(log[1]["weights"]) == {"1", "2", "3"}
+
+
+# ---- FLTrust -------------------------------------------------------------------------------
+def test_fltrust_trust_is_relu_cosine_and_updates_take_the_servers_norm():
+    server = np.array([2.0, 0.0])  # norm 2
+    updates = np.array([[3.0, 0.0], [0.0, 1.0], [-5.0, 0.0], [1.0, 1.0]])
+    step, scores = fltrust_step(updates, server)
+    s = 1 / np.sqrt(2)
+    assert np.allclose(scores, [1.0, 0.0, 0.0, s])  # the reversed update: trust 0
+    # normalised to norm 2: [2, 0] and [sqrt 2, sqrt 2]; weights 1 and s
+    assert np.allclose(step, (1.0 * np.array([2.0, 0.0]) + s * np.array([np.sqrt(2), np.sqrt(2)])) / (1 + s))
+
+
+def test_fltrust_round_with_no_trust_keeps_the_model_and_says_so():
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation="fltrust")
+    strategy = build_rule("fltrust", cfg, BUFFERS)  # the server's update: +1 on every parameter
+    arrays = _round(strategy, 1, np.zeros((2, 3)), [-np.ones((2, 3)), -2 * np.ones((2, 3)), np.zeros((2, 3))])
+    assert arrays is None
+    assert strategy.failures[-1]["kind"] == "refused" and "trust 0" in strategy.failures[-1]["reason"]
+    assert strategy.defense_log == []
+
+
+def test_fltrust_rule_on_replies_by_hand():
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation="fltrust")
+    strategy = build_rule("fltrust", cfg, BUFFERS)  # server update: all ones (norm sqrt 6)
+    updates = [np.full((2, 3), 3.0), -np.ones((2, 3)), np.array([[1.0, 1, 1], [0, 0, 0]])]
+    arrays = _round(strategy, 1, np.zeros((2, 3)), updates, examples=[10, 10, 10])
+    # trust: 1, 0, cos = 3 / (sqrt 3 sqrt 6) = 1/sqrt 2; each rescaled to norm sqrt 6
+    t = 1 / np.sqrt(2)
+    want = (np.ones((2, 3)) + t * np.sqrt(2) * np.array([[1.0, 1, 1], [0, 0, 0]])) / (1 + t)
+    assert np.allclose(arrays["fc.weight"].numpy(), want, atol=1e-6)
+    assert np.allclose(arrays["bn.running_mean"].numpy(), 1.0)  # partitions 0 and 2 trusted, equal examples
+    assert strategy.defense_log[0]["trust"] == {"0": 1.0, "1": 0.0, "2": pytest.approx(t)}
+
+
+# ---- clipping and weak DP ------------------------------------------------------------------
+def test_clip_bounds_the_norm_exactly():
+    updates = np.array([[6.0, 8.0], [0.3, 0.4], [0.0, 0.0]])  # norms 10, 0.5, 0 (an unchanged model)
+    clipped, factors = clip_to(updates, 3.0)
+    assert np.allclose(clipped, [[1.8, 2.4], [0.3, 0.4], [0.0, 0.0]]) and factors.tolist() == [0.3, 1.0, 1.0]
+    step, _ = clipped_mean(updates, np.array([1.0, 1.0, 2.0]), 3.0)
+    assert np.allclose(step, [(1.8 + 0.3) / 4, (2.4 + 0.4) / 4])
+
+
+def test_norm_clipping_rule_on_replies_clips_parameters_and_averages_buffers():
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation="norm-clipping", clip_norm=1.0)
+    strategy = AGGREGATIONS["norm-clipping"](cfg, BUFFERS, LIMITS)
+    start = np.ones((2, 3))
+    updates = [np.full((2, 3), 2.0), np.zeros((2, 3)), np.full((2, 3), 0.1)]  # norms 4.90, 0, 0.245
+    arrays = _round(strategy, 1, start, updates, examples=[10, 10, 20])
+    want = start + (updates[0] / np.sqrt(24) + 2 * updates[2]) / 4  # weights 1/4, 1/4, 1/2
+    assert np.allclose(arrays["fc.weight"].numpy(), want.astype(np.float32), atol=1e-7)
+    assert np.allclose(arrays["bn.running_mean"].numpy(), 0.25 * 0 + 0.25 * 1 + 0.5 * 2)  # not clipped
+    assert arrays["bn.num_batches_tracked"].numpy() == 5 and strategy.defense_log[0]["clip_factors"]["1"] == 1.0
+
+
+def test_weak_dp_noise_has_std_sigma_and_comes_from_the_runs_stream():
+    def run(seed):
+        cfg = ExperimentConfig.defaults(num_clients=2, aggregation="weak-dp", dp_sigma=0.05, seed=seed)
+        strategy = AGGREGATIONS["weak-dp"](cfg, frozenset(), LIMITS)
+        start = np.zeros((200, 500))
+        sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(start.astype(np.float32))}), ConfigRecord(),
+                                             LocalGrid(2)))
+        replies = [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(start.astype(np.float32))}),
+                                               "metrics": train_metrics(10, m.metadata.dst_node_id - 1)}), reply_to=m)
+                   for m in sent]
+        np.random.seed(0)  # the global numpy RNG must not matter
+        return strategy.aggregate_train(1, replies)[0]["w"].numpy()
+
+    a, b, c = run(1), run(1), run(2)
+    assert np.std(a) == pytest.approx(0.05, rel=0.01) and abs(np.mean(a)) < 0.001
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("name", ["flame", "fltrust", "foolsgold", "norm-clipping", "weak-dp"])
+def test_rules_log_their_settings_in_flowers_startup_log(name, caplog):
+    caplog.set_level("INFO", logger="flwr")
+    build_rule(name, ExperimentConfig.defaults(num_clients=5, aggregation=name)).summary()
+    expected = {"flame": "lambda=0.001", "fltrust": "ReLU(cosine)", "foolsgold": "pardoned cosine",
+                "norm-clipping": "clip norm C: 3.0", "weak-dp": "noise std sigma: 0.025"}[name]
+    assert expected in caplog.text
+
+
+def test_flame_rule_on_replies_excludes_the_colluders_and_logs_it():
+    cfg = ExperimentConfig.defaults(num_clients=10, aggregation="flame", flame_lambda=0.0)
+    strategy = AGGREGATIONS["flame"](cfg, BUFFERS, LIMITS)
+    rng = np.random.default_rng(1)
+    updates = [np.ones((2, 3)) + 0.3 * rng.standard_normal((2, 3)) for _ in range(7)]
+    updates += [-np.ones((2, 3)) + 0.01 * rng.standard_normal((2, 3)) for _ in range(3)]
+    arrays = _round(strategy, 1, np.zeros((2, 3)), updates)
+    entry = strategy.defense_log[0]
+    admitted = entry["admitted"]
+    assert {7, 8, 9} <= set(entry["excluded"]) and set(admitted) <= set(range(7)) and len(admitted) >= 6
+    bound = np.median([np.linalg.norm(u) for u in updates])  # over all ten
+    clipped = [updates[i] * min(1.0, bound / np.linalg.norm(updates[i])) for i in admitted]
+    assert entry["clip_bound"] == pytest.approx(bound)
+    assert np.allclose(arrays["fc.weight"].numpy(), np.mean(clipped, axis=0), atol=1e-6)
+    assert np.allclose(arrays["bn.running_mean"].numpy(), np.mean(admitted))  # admitted clients' statistics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, key", [("flame", "admitted"), ("fltrust", "trust"), ("foolsgold", "weights"),
+                                       ("norm-clipping", "clip_factors"), ("weak-dp", "noise_std")])
+def test_each_rule_through_a_real_small_simulation(name, key, tmp_path):
+    """3 clients (1 attacker), 2 rounds, 5% of Fashion-MNIST: the run completes and its
+    summary says, round by round, what the rule did."""
+    import json
+    import subprocess
+    import sys
+
+    from launch.superlink import SOURCE_ROOT
+
+    run_dir = tmp_path / name
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "run", "--set", "num-clients=3", "--set", "num-rounds=2",
+         "--set", "train-fraction=0.05", "--set", "mcr=0.34", "--set", f"aggregation='{name}'",
+         "--set", "post-defenses='flain'", "--set", f"run-dir='{run_dir}'",
+         "--set", f"data-dir='{SOURCE_ROOT / 'data'}'"],
+        cwd=SOURCE_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["client_failures"] == []
+    assert [entry["round"] for entry in summary["defense_log"]] == [1, 2]
+    assert all(key in entry for entry in summary["defense_log"])
+
+
+def test_fltrust_root_set_is_disjoint_from_aux_and_left_out_of_the_evaluation():
+    from experiment.data import aux_split, root_split
+
+    labels = np.random.default_rng(0).integers(0, 10, 10_000)
+    cfg = ExperimentConfig.defaults(aggregation="fltrust", fltrust_root_size=100)
+    aux, _ = aux_split(cfg, labels)
+    root, evaluation = root_split(cfg, labels, aux)
+    assert len(root) == 100 and len(set(root)) == 100 and not set(root) & set(aux)
+    assert sorted(set(root) | set(aux) | set(evaluation)) == list(range(10_000)) and not set(root) & set(evaluation)
+    assert np.array_equal(root, root_split(cfg, labels, aux)[0])  # seeded
+    none, everything = root_split(cfg.replace(aggregation="fedavg"), labels, aux)
+    assert len(none) == 0 and len(everything) == 10_000 - len(aux)
