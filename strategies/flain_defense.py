@@ -71,8 +71,8 @@ def apply_defenses(inp: PostTrainingInput, defenses: Mapping[str, PostTrainingDe
         if sink is not None:
             sink.save_model(name, state)
             sink.post_defense(name, reports[name])
-        log(INFO, "[flain] post-defense %s (%.1fs): %s", name, seconds,
-            {k: v for k, v in reports[name].items() if k != "seconds"})
+        log(INFO, "[flain] post-defense %s (%.1fs): %s", name, seconds,  # numbers only: no curves in the log
+            {k: v for k, v in reports[name].items() if k != "seconds" and not isinstance(v, (dict, list))})
     return states, reports
 
 
