@@ -1,6 +1,13 @@
-"""The adaptive-attack table (docs/adaptive-attacks.md) from the run directories.
+"""The adaptive-attack table (docs/adaptive-attacks.md) and the robust-rule comparison
+(docs/defenses.md) from the run directories.
 
   .venv/bin/python scripts/attack_table.py [--dataset fmnist] [--runs runs] [--json docs/adaptive-attacks.json] [--readme docs/adaptive-attacks.md]
+  .venv/bin/python scripts/attack_table.py --rules [--train] [--runs runs/rules] [--json F] [--readme docs/defenses.md]
+
+`--rules`: each mid-training rule of RULES alone and with FLAIN / FLAIN-CV on its final model,
+in the SETTINGS (Fashion-MNIST default, Dirichlet non-IID, the scaling and the flain-aware
+attacks), one seed, 10 rounds, from `RUNS/rules-<setting>-<rule>/`; `--train` first runs the
+missing trainings one after another (resumable: a finished run is kept).
 
 For each attack, `RUNS/attack-<attack>-<rule>/summary.json` (other data sets than fmnist:
 `RUNS/attack-<dataset>-<attack>-<rule>/`) with rule fedavg (no-Defense and every post-training
@@ -14,8 +21,10 @@ update they sent and of the one they trained, and the share of coordinates they 
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,13 +64,79 @@ def attack_metrics(runs: Path, dataset: str, attack: str) -> dict | None:
             "masked_share": mean("masked-share"), "masked_columns": mean("masked-columns")}
 
 
+RULES = ("fedavg", "flame", "fltrust", "foolsgold", "norm-clipping", "weak-dp")
+SETTINGS = {"default": {}, "dirichlet": {"partition": "dirichlet"}, "scaling": {"attack": "scaling"},
+            "flain-aware": {"attack": "flain-aware"}}
+RULE_COLUMNS = (("alone", None), ("+ FLAIN", "flain"), ("+ FLAIN-CV", "flain-cv"))
+
+
+def train_rules(runs: Path) -> None:
+    """The missing `rules-<setting>-<rule>` trainings, one after another, with progress."""
+    plan = [(setting, rule) for setting in SETTINGS for rule in RULES]
+    started, done = time.monotonic(), 0
+    for i, (setting, rule) in enumerate(plan, 1):
+        run_dir = runs / f"rules-{setting}-{rule}"
+        if RunDir(run_dir).status() in ("completed", "defense-failed"):
+            print(f"[{i}/{len(plan)}] {run_dir.name}: finished, kept", flush=True)
+            continue
+        sets = {"aggregation": rule, "num-rounds": 10, "post-defenses": "flain,flain-cv", "run-dir": str(run_dir),
+                **SETTINGS[setting]}
+        cmd = [sys.executable, "-m", "launch.cli", "run", "--overwrite"]
+        for key, value in sets.items():
+            cmd += ["--set", f"{key}={json.dumps(value)}"]
+        print(f"[{i}/{len(plan)}] {run_dir.name}: training", flush=True)
+        code = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT).returncode
+        done += 1
+        left = (time.monotonic() - started) / done * (len(plan) - i)
+        print(f"[{i}/{len(plan)}] {run_dir.name}: exit {code}; about {left / 60:.0f} min left", flush=True)
+
+
+def rules_table(runs: Path) -> tuple[str, dict]:
+    cells = {}
+    for setting in SETTINGS:
+        for rule in RULES:
+            run = RunDir(runs / f"rules-{setting}-{rule}")
+            summary = run.summary() if run.finished() else None
+            for column, defense in RULE_COLUMNS:
+                result = None if summary is None else (
+                    summary["final"] if defense is None else summary.get("post_defenses", {}).get(defense))
+                cells[f"{setting}/{rule}/{column}"] = (
+                    {"asr": result["asr"], "acc": result["acc"], "run": str(run.path)} if result and "acc" in result
+                    else None)
+    lines = ["ASR / ACC on the evaluation images (Fashion-MNIST, the default experiment with the setting's "
+             "change, seed 42, 10 rounds):", "",
+             "| setting | rule | " + " | ".join(c for c, _ in RULE_COLUMNS) + " |",
+             "| --- " * (len(RULE_COLUMNS) + 2) + "|"]
+    for setting in SETTINGS:
+        for rule in RULES:
+            row = [cells[f"{setting}/{rule}/{c}"] for c, _ in RULE_COLUMNS]
+            lines.append(f"| {setting} | `{rule}` | " + " | ".join(
+                f"{c['asr']:.3f} / {c['acc']:.3f}" if c else "not run" for c in row) + " |")
+    return "\n".join(lines), cells
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fmnist", choices=sorted(NAMES))
-    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--runs", type=Path, default=None, help="default: runs (attacks), runs/rules (--rules)")
     p.add_argument("--json", type=Path)
-    p.add_argument("--readme", type=Path, help="replace the table between the attack-table markers there")
+    p.add_argument("--readme", type=Path, help="replace the table between the attack-table (or rules-table) markers")
+    p.add_argument("--rules", action="store_true", help="the robust-rule comparison instead of the attack table")
+    p.add_argument("--train", action="store_true", help="with --rules: first train the missing runs")
     args = p.parse_args()
+    if args.rules:
+        runs = args.runs or Path("runs/rules")
+        if args.train:
+            train_rules(runs)
+        text, cells = rules_table(runs)
+        print(text)
+        if args.readme:
+            _replace(args.readme, "rules-table", text)
+        if args.json:
+            args.json.write_text(json.dumps({"cells": cells}, indent=1) + "\n")
+        return
+    args.runs = args.runs or Path("runs")
     table = {a: {name: cell(args.runs, args.dataset, a, rule, d) for name, rule, d in DEFENSES} for a in ATTACKS}
     metrics = {a: attack_metrics(args.runs, args.dataset, a) for a in ATTACKS}
     setting = "the default experiment" if args.dataset == "fmnist" else f"the default experiment with dataset={args.dataset}"
@@ -82,13 +157,17 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.readme:
-        readme = args.readme.read_text()
-        tag = "attack-table" if args.dataset == "fmnist" else f"attack-table-{args.dataset}"
-        start = readme.index("-->\n", readme.index(f"<!-- {tag}:")) + 4
-        end = readme.index(f"<!-- /{tag} -->")
-        args.readme.write_text(readme[:start] + text + "\n" + readme[end:])
+        _replace(args.readme, "attack-table" if args.dataset == "fmnist" else f"attack-table-{args.dataset}", text)
     if args.json:
         args.json.write_text(json.dumps({"cells": table, "attack_metrics": metrics}, indent=1) + "\n")
+
+
+def _replace(page: Path, tag: str, text: str) -> None:
+    """The text between `<!-- tag: ... -->` and `<!-- /tag -->` in `page`."""
+    readme = page.read_text()
+    start = readme.index("-->\n", readme.index(f"<!-- {tag}:")) + 4
+    end = readme.index(f"<!-- /{tag} -->")
+    page.write_text(readme[:start] + text + "\n" + readme[end:])
 
 
 if __name__ == "__main__":
