@@ -296,6 +296,7 @@ def _defend_external(args: argparse.Namespace, defenses: list[str], overrides: d
                           "(or give RUN_DIR, a run directory of `flain run`)")
     if args.round is not None or args.name is not None:
         raise ConfigError("--round and --name are for RUN_DIR; with --model the results go to --out")
+    _writable("--out", Path(args.out))
     path = lambda value: Path(value) if value else None  # noqa: E731
     out, summary = defend_model(args.model, Path(args.initial), Path(args.final), Path(args.aux), Path(args.out),
                                 defenses, overrides, path(args.test), path(args.triggered), args.overwrite)

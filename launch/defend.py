@@ -28,7 +28,7 @@ from launch.tables import read_run
 from launch.external import ImageSet, image_set, model_factory, state_dict
 from models import build_model, inference_batches, resolve_tau
 from strategies import POST_DEFENSES
-from strategies.flain_defense import apply_defenses
+from strategies.flain_defense import AuxMismatch, apply_defenses, check_fit, preflight, trained_fits_aux
 from strategies.post_training import PostTrainingInput
 from strategies.post_training import check as check_post_training
 from server.post_training import apply_post_defenses, make_evaluator, post_defenses, post_training_input
@@ -175,6 +175,22 @@ def defend_model(factory: str, initial_path: Path, final_path: Path, aux_path: P
     aux = image_set(aux_path, "--aux")
     test = image_set(test_path, "--test") if test_path else None
     triggered = image_set(triggered_path, "--triggered") if triggered_path else None
+    chosen = post_defenses(cfg)
+    try:  # everything that would fail later, before anything is written
+        preflight(model_factory(factory), chosen, to_float(aux[0]), aux[1])
+        problem = trained_fits_aux(model, to_float(aux[0]), aux[1])
+    except AuxMismatch as exc:
+        raise ConfigError(f"--aux {aux_path}: {exc}") from None
+    if problem is not None:
+        raise ConfigError(f"--aux {aux_path}: {problem}")
+    for option, path, images in (("--test", test_path, test), ("--triggered", triggered_path, triggered)):
+        try:
+            if images is not None:
+                check_fit(model, to_float(images[0]), images[1], option.lstrip("-"))
+        except AuxMismatch as exc:
+            raise ConfigError(f"{option} {path}: {exc}") from None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out} already holds results: choose another --out or pass --overwrite")
@@ -191,7 +207,7 @@ def defend_model(factory: str, initial_path: Path, final_path: Path, aux_path: P
     inp = PostTrainingInput(model=model.to(device), initial_state=initial, aux_images=to_float(aux[0]), aux_labels=aux[1])
     started = time.perf_counter()
     try:
-        _, reports = apply_defenses(inp, post_defenses(cfg), evaluate, recorder)
+        _, reports = apply_defenses(inp, chosen, evaluate, recorder)
     except KeyboardInterrupt:
         end_status(out, "interrupted", "stopped by a signal (Ctrl-C or SIGTERM)")
         raise

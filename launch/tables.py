@@ -58,7 +58,8 @@ def format_table(summary: dict[str, Any]) -> str:
             note = ""
         rows.append((name, res.get("acc", nan), res.get("asr", nan), note))
     lines = [f"{'defense':<12} {'ACC':>7} {'ASR':>7}  notes", "-" * 60]
-    lines += [f"{n:<12} {a:7.4f} {s:7.4f}  {note}" for n, a, s, note in rows]
+    number = lambda v: f"{v:7.4f}" if v is not None and v == v else f"{'-':>7}"  # noqa: E731 - not measured
+    lines += [f"{n:<12} {number(a)} {number(s)}  {note}" for n, a, s, note in rows]
     return "\n".join(lines)
 
 

@@ -225,9 +225,21 @@ def save_state(path: Path, state: dict[str, torch.Tensor]) -> Path:
     return atomic_write(path, lambda f: torch.save({k: v.detach().cpu() for k, v in state.items()}, f))
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity become null: JSON has no such numbers (json.dumps would write NaN)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:
-    """folder/summary.json, replaced atomically: readers never see half a file."""
-    atomic_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    """folder/summary.json, replaced atomically: readers never see half a file; valid JSON
+    (no NaN)."""
+    atomic_text(folder / SUMMARY_FILE, json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
 
 
 def end_status(run_dir: Path, status: str, error: str, over: tuple[str, ...] = ("running",)) -> None:

@@ -21,9 +21,10 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
@@ -34,6 +35,7 @@ from torch import nn
 from experiment.config import ExperimentConfig
 from experiment.data import to_float
 from strategies.post_training import POST_DEFENSES, PostTrainingDefense, PostTrainingInput
+from strategies.post_training.tau import TauView
 
 StateDict = dict[str, torch.Tensor]
 # the metrics of a model (e.g. {"acc": ..., "asr": ...}), put beside each defense's report
@@ -76,6 +78,78 @@ def apply_defenses(inp: PostTrainingInput, defenses: Mapping[str, PostTrainingDe
     return states, reports
 
 
+class AuxMismatch(ValueError):
+    """The aux set cannot serve the defenses on this model (message: one line, why)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+@torch.no_grad()
+def check_fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, what: str = "aux") -> None:
+    """The model takes these images (channels, size) and their labels are among its classes
+    (runs it on a few of them)."""
+    probe = slice(0, min(len(labels), 8))
+    device = next(model.parameters()).device
+    try:
+        logits = model.eval()(images[probe].to(device))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        shape = "x".join(str(d) for d in images.shape[1:])
+        raise AuxMismatch(f"the model cannot take the {what} images (each {shape}): {_one_line(exc)}") from None
+    if logits.dim() != 2:
+        raise AuxMismatch(f"the model returns {tuple(logits.shape)} per batch: it must return logits (N x classes)")
+    if int(labels.max()) >= logits.shape[1]:
+        raise AuxMismatch(f"{what} label {int(labels.max())} is not a class of the model ({logits.shape[1]} outputs)")
+
+
+@torch.no_grad()
+def preflight(model: nn.Module, defenses: Mapping[str, PostTrainingDefense], images: torch.Tensor,
+              labels: torch.Tensor) -> None:
+    """Refuse now what would fail or wreck the model after training: an aux set the model cannot
+    take, labels outside its classes, an aux set of one class, a tau that is not usable,
+    FLAIN-CV on a model it cannot split at tau."""
+    if len(labels.unique()) < 2:
+        raise AuxMismatch(f"the aux set has {len(labels)} image(s) of {len(labels.unique())} class: FLAIN needs a "
+                          "clean aux set of several classes to see a clean-accuracy drop (the paper: 200 images)")
+    check_fit(model, images, labels)
+    probe = slice(0, min(len(labels), 8))
+    views: dict[str, TauView] = {}
+    for name, defense in defenses.items():
+        layer = getattr(defense, "layer", None)
+        if layer is None:
+            continue
+        if layer not in views:
+            try:
+                views[layer] = TauView.of(model, layer, images[probe], labels[probe])
+            except ValueError as exc:  # a layer that is not a Linear, or TauNotUsable
+                raise AuxMismatch(f"{name}: {exc}") from None
+        if getattr(type(defense), "needs_split", False) and views[layer].rest is None:
+            raise AuxMismatch(f"{name} needs a model whose output after layer {views[layer].name!r} is a function of "
+                              "that layer's output alone (torch.fx-traceable, no skip around it); use flain")
+
+
+@torch.no_grad()
+def aux_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """(the model's accuracy on the aux set, its number of classes)."""
+    device = next(model.parameters()).device
+    logits = torch.cat([model.eval()(images[i:i + 256].to(device)).cpu() for i in range(0, len(images), 256)])
+    return (logits.argmax(1) == labels).float().mean().item(), logits.shape[1]
+
+
+def trained_fits_aux(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> str | None:
+    """Why the trained model and the aux set do not go together (None: they do). A model no
+    better than chance on its clean aux set means the labels, the normalisation or the images
+    are not what it was trained on, and Algorithm 1 would flip every input (its drop never
+    reaches rho) and return a ruined model."""
+    acc, classes = aux_accuracy(model, images, labels)
+    if acc <= 1.0 / classes:
+        return (f"the trained model classifies {acc:.1%} of the aux images correctly, no better than chance "
+                f"(1/{classes}): the aux set does not match the model (labels, normalisation, channels)")
+    return None
+
+
 def build_defenses(names: Sequence[str], **settings: Any) -> dict[str, PostTrainingDefense]:
     """Registry defenses by name, each given the `settings` it has a field for (step, rho,
     layer, start, ...); the rest keep their defaults (experiment/config.py)."""
@@ -98,8 +172,12 @@ def _aux(aux: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     if len(images) == 0 or len(images) != len(labels) or labels.dim() != 1:
         raise ValueError(f"aux images {tuple(images.shape)} and labels {tuple(labels.shape)}: "
                          "need N >= 1 images and N labels")
-    if labels.is_floating_point():
-        raise ValueError("aux labels must be integer class indices")
+    if labels.is_floating_point() or labels.is_complex() or bool((labels < 0).any()):
+        raise ValueError("aux labels must be non-negative integer class indices")
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise ValueError("aux images hold NaN or infinite values")
+    if not images.is_floating_point() and images.dtype != torch.uint8:
+        raise ValueError(f"aux images must be float (as the model takes them) or uint8 (divided by 255), got {images.dtype}")
     return to_float(images), labels.long()
 
 
@@ -120,7 +198,8 @@ class FlainDefense(Strategy):
     ----------
     strategy: the Flower strategy that trains (run unchanged).
     model_fn: builds the model the arrays belong to (any `torch.nn.Module`).
-    aux: the server's clean auxiliary set, (images, labels); images float in [0, 1] or uint8.
+    aux: the server's clean auxiliary set, (images, labels): images as the model takes them
+        (float; uint8 is divided by 255), labels as class indices.
     layer: tau, the Linear layer whose input columns are flipped, by name; "auto": the first
         Linear after the last convolution in module order.
     defenses: registry names (`flain`, `flain-cv`, `pruning`, `fedpruning`), or name -> defense
@@ -146,6 +225,8 @@ class FlainDefense(Strategy):
         self.strategy = strategy
         self.model_fn = model_fn
         self.aux_images, self.aux_labels = _aux(aux)
+        if not step > 0 or not 0 < rho <= 1 or (start is not None and not np.isfinite(start)):
+            raise ValueError(f"step={step}, rho={rho}, start={start}: need step > 0, 0 < rho <= 1 and a finite start")
         self.defenses = (dict(defenses) if isinstance(defenses, Mapping)
                          else build_defenses(defenses, layer=layer, step=step, rho=rho, start=start))
         self.evaluate_fn, self.sink, self.device = evaluate_fn, sink, device
@@ -160,8 +241,10 @@ class FlainDefense(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> DefendedResult:
-        """The wrapped strategy's `start()`, then every defense on its final arrays."""
+        """The wrapped strategy's `start()`, then every defense on its final arrays. What would
+        make the defenses fail (the aux set, tau) is refused before the first round."""
         w0 = {k: v.clone() for k, v in initial_arrays.to_torch_state_dict().items()}
+        preflight(self._model(w0), self.defenses, self.aux_images, self.aux_labels)
         result = self.strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
                                      timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
                                      evaluate_fn=evaluate_fn)
@@ -179,14 +262,27 @@ class FlainDefense(Strategy):
 
     def defend(self, final: StateDict, initial: StateDict, grid: Grid | None = None, last_round: int = 0
                ) -> tuple[dict[str, StateDict], dict[str, dict[str, Any]]]:
-        """The defenses on a trained model (final) with its W0 (initial), without training."""
-        model = self.model_fn()
-        if self.device is not None:
-            model = model.to(self.device)
-        model.load_state_dict(final)
+        """The defenses on a trained model (final) with its W0 (initial), without training. A
+        trained model no better than chance on the aux set gets no defense (each report says why)."""
+        model = self._model(final)
+        problem = trained_fits_aux(model, self.aux_images, self.aux_labels) if self.defenses else None
+        if problem is not None:
+            log(WARNING, "[flain] no post-training defense applied: %s", problem)
+            reports = {name: {"error": problem} for name in self.defenses}
+            if self.sink is not None:
+                for name, report in reports.items():
+                    self.sink.post_defense(name, report)
+            return {}, reports
         inp = PostTrainingInput(model=model, initial_state=initial, aux_images=self.aux_images,
                                 aux_labels=self.aux_labels, grid=grid, strategy=self.strategy, last_round=last_round)
         return apply_defenses(inp, self.defenses, self.evaluate_fn, self.sink)
+
+    def _model(self, state: StateDict) -> nn.Module:
+        model = self.model_fn()
+        if self.device is not None:
+            model = model.to(self.device)
+        model.load_state_dict(state)
+        return model
 
     # ---- training is the wrapped strategy's, unchanged --------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -131,7 +131,8 @@ def test_without_test_sets_it_still_defends_and_says_what_was_not_measured(files
     assert main(_args(tmp)) == 0
     summary = json.loads((tmp / "out" / "summary.json").read_text())
     assert summary["no_defense"] == {} and "acc" not in summary["post_defenses"]["flain"]
-    assert "nan" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no-Defense         -       -" in out and "nan" not in out
 
 
 def _bad(tmp):
@@ -139,7 +140,20 @@ def _bad(tmp):
     np.savez(tmp / "floats.npz", images=np.full((3, 1, 4, 4), 2.0, np.float32), labels=np.zeros(3, np.int64))
     torch.save({"fc1.weight": torch.zeros(2, 2)}, tmp / "small.pt")
     (tmp / "junk.pt").write_bytes(b"not a torch file")
+    with np.load(tmp / "aux.npz") as data:
+        images, labels = data["images"], data["labels"]
+    np.savez(tmp / "one.npz", images=images[:1], labels=labels[:1])
+    np.savez(tmp / "rgb.npz", images=np.repeat(images, 3, axis=1), labels=labels)
+    np.savez(tmp / "big_label.npz", images=images, labels=labels + 10)
+    np.savez(tmp / "black.npz", images=np.zeros_like(images), labels=(labels + 1) % 3)  # mislabelled: below chance
+    (tmp / "outfile").write_text("x")
     return {
+        "one": ({"aux": tmp / "one.npz"}, "1 image.* of 1 class"),
+        "rgb": ({"aux": tmp / "rgb.npz"}, r"cannot take the aux images \(each 3x4x4\): RuntimeError"),
+        "label": ({"aux": tmp / "big_label.npz"}, "aux label 12 is not a class of the model"),
+        "chance": ({"aux": tmp / "black.npz"}, "no better than chance"),
+        "test": ({"test": tmp / "rgb.npz"}, r"--test .*rgb.npz: the model cannot take the test images"),
+        "out": ({"out": tmp / "outfile"}, "is a file, not a directory"),
         "ref": ({"model": "mymodels"}, "expected MODULE:FUNCTION"),
         "module": ({"model": "nosuchmodule:net"}, "ModuleNotFoundError"),
         "raises": ({"model": "mymodels:broken"}, "raised OSError: no weights here"),
@@ -153,7 +167,8 @@ def _bad(tmp):
     }
 
 
-@pytest.mark.parametrize("case", ["ref", "module", "raises", "type", "missing", "junk", "fit", "keys", "range", "layer"])
+@pytest.mark.parametrize("case", ["one", "rgb", "label", "chance", "test", "out", "ref", "module", "raises", "type",
+                                  "missing", "junk", "fit", "keys", "range", "layer"])
 def test_bad_inputs_get_one_line_and_exit_2(files, capsys, case):
     tmp, *_ = files
     changes, message = _bad(tmp)[case]
@@ -163,7 +178,7 @@ def test_bad_inputs_get_one_line_and_exit_2(files, capsys, case):
     assert main(args) == EXIT_CONFIG
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
-    assert not (tmp / "out" / "flain.pt").exists()  # nothing written on a refused input
+    assert not (tmp / "out").exists()  # nothing written on a refused input
 
 
 def test_run_dir_and_model_options_do_not_mix(files, capsys):
@@ -174,3 +189,37 @@ def test_run_dir_and_model_options_do_not_mix(files, capsys):
     assert "--aux belong to `flain defend --model" in capsys.readouterr().err
     assert main(["defend", "--model", "mymodels:net"]) == EXIT_CONFIG
     assert "needs --initial, --final, --aux, --out" in capsys.readouterr().err
+
+
+def test_flain_cv_on_a_model_it_cannot_split_is_refused_before_anything_is_written(files, capsys):
+    tmp, *_ = files
+    (tmp / "skipmodels.py").write_text(MODULE + textwrap.dedent('''
+        class Skip(Net):
+            def __init__(self):
+                super().__init__()
+                self.skip = nn.Linear(2 * 4 * 4, 3)
+
+            def forward(self, x):
+                h = torch.relu(self.conv(x)).flatten(1)
+                return self.fc2(torch.relu(self.fc1(h))) + self.skip(h)
+    '''))
+    import skipmodels
+
+    torch.manual_seed(0)
+    torch.save(skipmodels.Skip().state_dict(), tmp / "s0.pt")
+    trained = {k: v + 0.5 * torch.randn(v.shape) for k, v in skipmodels.Skip().state_dict().items()}
+    torch.save(trained, tmp / "s.pt")
+    model = skipmodels.Skip()
+    model.load_state_dict(trained)
+    with np.load(tmp / "aux.npz") as data:
+        images = data["images"]
+    with torch.no_grad():
+        labels = model(torch.from_numpy(images).float() / 255).argmax(1).numpy()
+    np.savez(tmp / "saux.npz", images=images, labels=labels)
+    args = ["defend", "--model", "skipmodels:Skip", "--initial", str(tmp / "s0.pt"), "--final", str(tmp / "s.pt"),
+            "--aux", str(tmp / "saux.npz"), "--out", str(tmp / "out")]
+    assert main(args + ["--post-defenses", "flain-cv"]) == EXIT_CONFIG
+    assert "flain-cv needs a model whose output after layer 'fc1'" in capsys.readouterr().err
+    assert not (tmp / "out").exists()
+    assert main(args + ["--post-defenses", "flain"]) == 0  # Algorithm 1 scores the whole model instead
+    assert json.loads((tmp / "out" / "summary.json").read_text())["post_defenses"]["flain"]["split"] is False

@@ -200,7 +200,7 @@ def test_a_given_start_is_the_first_threshold_as_in_the_authors_code():
     assert stop.steps == 1 and stop.threshold == pytest.approx(0.0005, abs=1e-15) and stop.mask.tolist() == [
         False, True, False, False]
     # rho 0.025: three inputs must be in; 0.0011 enters at lambda = 0.0011, the 7th threshold
-    naive_k, lam = 1, 0.0005
+    naive_k = 1
     while not (x <= 0.0004 + naive_k * 0.0001).sum() >= 3:
         naive_k += 1
     for search in (adaptive_threshold, adaptive_threshold_reference):

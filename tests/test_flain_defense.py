@@ -72,7 +72,7 @@ def _final(rounds: int = 2) -> dict[str, torch.Tensor]:
 
 def _aux() -> tuple[torch.Tensor, torch.Tensor]:
     """Clean images, labelled as the trained model predicts them: aux accuracy 1 before a flip."""
-    images = torch.rand(60, IN, generator=torch.Generator().manual_seed(3))
+    images = torch.rand(60, IN, generator=torch.Generator().manual_seed(3)) * 4 - 2  # three classes predicted
     model = TwoLayers()
     model.load_state_dict(_final())
     with torch.no_grad():
@@ -151,8 +151,7 @@ class Broken(Flain):
 
 
 def test_a_failing_defense_costs_only_itself():
-    aux, w0 = _aux(), _w0()
-    final = {k: w0[k] + _delta(1)[k] for k in w0}
+    aux, w0, final = _aux(), _w0(), _final()
     one = FlainDefense(FedAvg(), model_fn=TwoLayers, aux=aux, defenses={"broken": Broken(), "flain": Flain(layer="fc1")})
     states, reports = one.defend(final, w0)
     assert reports["broken"] == {"error": "RuntimeError: broken on purpose"} and set(states) == {"flain"}
@@ -165,6 +164,9 @@ def test_a_failing_defense_costs_only_itself():
     ({"aux": (torch.rand(5, IN), torch.zeros(5))}, ValueError, "integer class indices"),
     ({"aux": torch.rand(5, IN)}, ValueError, "a pair"),
     ({"defenses": ["flan"]}, ValueError, "unknown post-training defense 'flan'"),
+    ({"rho": 5.0}, ValueError, "0 < rho <= 1"),
+    ({"step": 0.0}, ValueError, "step > 0"),
+    ({"aux": (torch.full((5, IN), float("nan")), torch.zeros(5, dtype=torch.long))}, ValueError, "NaN"),
 ])
 def test_bad_arguments_are_refused_with_one_line(kwargs, error, match):
     args = {"strategy": FedAvg(), "model_fn": TwoLayers, "aux": _aux()} | kwargs
@@ -197,3 +199,28 @@ def test_example_app_runs_in_flower_simulation(monkeypatch):
     for k in trained:
         assert torch.equal(trained[k], defended[k]) == (k != "fc1.weight"), k
     assert 0 < report["flipped"] < trained["fc1.weight"].shape[1]
+
+
+def test_what_would_fail_after_training_is_refused_before_the_first_round():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    cases = [({"layer": "fc9"}, "not a Linear layer"),
+             ({"aux": (torch.rand(6, IN + 1), torch.tensor([0, 1, 2, 0, 1, 2]))}, "cannot take the aux images"),
+             ({"aux": (torch.rand(6, IN), torch.tensor([0, 1, 5, 0, 1, 2]))}, "aux label 5 is not a class"),
+             ({"aux": (torch.rand(6, IN), torch.zeros(6, dtype=torch.long))}, "of 1 class")]
+    for change, message in cases:
+        grid = ClientGrid(3)
+        wrapped = FlainDefense(FedAvg(fraction_evaluate=0.0), model_fn=TwoLayers, **({"aux": _aux()} | change))
+        with pytest.raises(ValueError, match=message):
+            wrapped.start(grid=grid, initial_arrays=ArrayRecord(_w0()), num_rounds=2)
+        assert grid.rounds == 0, change  # no round was trained for nothing
+
+
+def test_a_trained_model_no_better_than_chance_on_the_aux_set_is_not_defended():
+    aux_x, aux_y = _aux()
+    wrong = (aux_x, (aux_y + 1) % 3)  # every label shifted: the trained model scores 0 on them
+    sink = Sink()
+    wrapped = FlainDefense(FedAvg(), model_fn=TwoLayers, aux=wrong, layer="fc1", sink=sink)
+    states, reports = wrapped.defend(_final(), _w0())
+    assert states == {} and "no better than chance" in reports["flain"]["error"] and sink.reports == reports

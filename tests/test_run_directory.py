@@ -15,7 +15,7 @@ from torch import nn
 
 from experiment.config import ConfigError, ExperimentConfig
 from launch.tables import NotARunDirectory, read_run
-from server.results import (MARKER, RunFileError, atomic_text, atomic_write, check_name, clear, end_status,
+from server.results import (RunFileError, atomic_text, atomic_write, check_name, clear, end_status,
                             load_state, mark, read_aux, read_json, save_state, write_summary)
 
 

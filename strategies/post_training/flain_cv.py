@@ -87,6 +87,7 @@ class FlainCV:
 
     display_name: ClassVar[str] = "FLAIN-CV"
     needs_clients: ClassVar[bool] = False
+    needs_split: ClassVar[bool] = True  # it scores aux subsets after tau: the model must split there
 
     tol: float = ExperimentConfig.flain_cv_tol
     folds: int = ExperimentConfig.flain_cv_folds
