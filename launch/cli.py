@@ -114,17 +114,11 @@ def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
     return cfg
 
 
-def run_deadline(cfg: ExperimentConfig) -> float:
-    """Seconds after which a run is given up: start-up, every round waiting its full
-    `round-timeout` plus a central evaluation, and the post-training defenses."""
-    return 600 + num_rounds(cfg) * (cfg.round_timeout + 300) + 7200
-
-
 def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[str, Any],
              nodes: int = 0, tls: bool = False) -> int:
     """Run the app on a private SuperLink: simulation (nodes=0) or `nodes` real SuperNodes."""
     from launch.deploy import Federation
-    from launch.superlink import app_directory, private_superlink, write_run_config
+    from launch.superlink import app_directory, private_superlink, run_deadline, write_run_config
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -209,8 +209,8 @@ _STOPPING = threading.Event()
 
 def run_training(training: Training, run_dir: Path, gpu: bool, quiet: bool) -> int:
     """`flain run` for one training in a fresh process; its exit code. Each child has its own
-    deadline (launch.cli.run_deadline); this one is a backstop a few minutes later."""
-    from launch.cli import run_deadline
+    deadline (launch.superlink.run_deadline); this one is a backstop a few minutes later."""
+    from launch.superlink import run_deadline
 
     if _STOPPING.is_set():
         return 130

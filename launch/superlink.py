@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from experiment.config import ExperimentConfig
+from experiment.data import num_rounds
 from launch.tls import Tls, make_tls
 
 CONNECTION = "flain"
@@ -349,3 +351,9 @@ def private_superlink(simulation: bool = True, tls: bool = False, isolation: str
     finally:
         link.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_deadline(cfg: ExperimentConfig) -> float:
+    """Seconds after which a run is given up: start-up, every round waiting its full
+    `round-timeout` plus a central evaluation, and the post-training defenses."""
+    return 600 + num_rounds(cfg) * (cfg.round_timeout + 300) + 7200
