@@ -9,6 +9,7 @@ shows them.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,11 +73,8 @@ TRACKERS = {"none": NoTracker, "tensorboard": TensorBoardTracker}
 def check(cfg: ExperimentConfig) -> None:
     """`tracker` is known and its package can be imported (raises ConfigError)."""
     choice("tracker", cfg.tracker, TRACKERS)
-    if cfg.tracker == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("tracker='tensorboard' needs the tensorboard package: pip install tensorboard") from None
+    if cfg.tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tracker='tensorboard' needs the tensorboard package: pip install tensorboard")
 
 
 def make_tracker(cfg: ExperimentConfig, log_dir: Path) -> Tracker:
