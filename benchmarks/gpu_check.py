@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from server.results import RunDir  # noqa: E402
+
 NO_GPU = 3
 
 
@@ -115,16 +118,15 @@ def main() -> int:
     run: dict[str, object] = {"exit": code, "seconds": round(secs, 1), **sampler.summary()}
     chose = [line for line in tail.splitlines() if "--gpu:" in line]
     run["--gpu chose"] = chose[-1].split("--gpu:", 1)[1].strip() if chose else "?"
-    rounds_file = run_dir / "rounds.csv"
+    run_files = RunDir(run_dir)
+    rounds_file = run_files.rounds_file
     if rounds_file.is_file():
         rows = list(csv.DictReader(rounds_file.open()))
         trained = [float(r["seconds"]) for r in rows if int(r["round"]) > 0]
         run["start-up + round 0 seconds"] = float(rows[0]["seconds"]) if rows else None
         run["seconds per round"] = round(sum(trained) / len(trained), 2) if trained else None
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-        run["final"] = summary.get("final")
+    if run_files.summary_file.is_file():
+        run["final"] = run_files.summary().get("final")
     report["flain run --gpu (10 rounds)"] = run
 
     left = end - time.monotonic()

@@ -35,7 +35,7 @@ from experiment.data import DATASETS, DataUnavailable, fetch, num_rounds, presen
 from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table, read_run
 from server.checks import check_experiment
 from launch.superlink import RunFailed
-from server.results import RunDir, RunFileError, atomic_text, check_name, clear, end_status, is_run_dir
+from server.results import RunDir, RunFileError, atomic_text, check_name, clear, end_status, ours
 
 EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 # The one place an error becomes an exit code and a one-line message (first match wins).
@@ -86,7 +86,7 @@ def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
     _writable("run-dir", run_dir)
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
-    if not is_run_dir(run_dir):
+    if not ours(run_dir):
         raise ConfigError(f"run-dir='{run_dir}' already holds files that are not a flain run: "
                           "choose a new or empty directory (--name or --set run-dir=...)")
     if not overwrite:

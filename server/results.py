@@ -104,12 +104,33 @@ def _legacy_defended(path: Path) -> bool:
                                          for p in path.iterdir())
 
 
+def _legacy_run(path: Path) -> bool:
+    """A run from before the marker (e.g. the reproduction's committed runs): config.json and a
+    summary.json of ours, and nothing but the files and folders a run writes."""
+    known_files = {CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, AUX_FILE, PLOT_FILE}
+    known_dirs = {DEFENDED_DIR, CHECKPOINT_DIR, TRACKING_DIR}
+    for p in path.iterdir():
+        if not ((p.is_file() and (p.name in known_files or p.suffix == ".pt")) or (p.is_dir() and p.name in known_dirs)):
+            return False
+    try:
+        summary = json.loads((path / SUMMARY_FILE).read_text())
+        json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and "status" in summary
+
+
+def ours(path: Path) -> bool:
+    """`path` holds a run or `flain defend` results of this project (marked, or from before the marker)."""
+    return is_run_dir(path) or _legacy_run(path) or (path.parent.name == DEFENDED_DIR and _legacy_defended(path))
+
+
 def clear(run_dir: Path) -> None:
     """Delete an earlier run (or `flain defend` result) in `run_dir`, all of it, for
-    --overwrite; a directory that is not ours (no marker) is refused, never touched."""
+    --overwrite; a directory that is not ours is refused, never touched."""
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
         return
-    if not is_run_dir(run_dir) and not (run_dir.parent.name == DEFENDED_DIR and _legacy_defended(run_dir)):
+    if not ours(run_dir):
         raise RunFileError(f"{run_dir} holds files that are not a flain run (no {MARKER}): "
                            "refusing to delete them; choose another directory")
     import shutil

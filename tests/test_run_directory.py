@@ -67,6 +67,28 @@ def test_overwrite_deletes_a_run_of_ours_whole(tmp_path):
     assert not run.exists()  # stale defended/ results included
 
 
+def test_a_run_from_before_the_marker_is_ours_and_a_foreign_file_makes_it_not(tmp_path):
+    """The reproduction's committed runs (config.json, rounds.csv, summary.json, defended/) have
+    no marker: `flain reproduce` must be able to replace them; one file a run never writes
+    makes the directory someone else's."""
+    def legacy(name):
+        run = tmp_path / name
+        (run / "defended" / "reproduce").mkdir(parents=True)
+        (run / "config.json").write_text('{"seed": 42}')
+        (run / "rounds.csv").write_text("round,acc\n")
+        (run / "summary.json").write_text('{"status": "completed"}')
+        (run / "defended" / "reproduce" / "summary.json").write_text("{}")
+        return run
+
+    clear(legacy("old"))
+    assert not (tmp_path / "old").exists()
+    foreign = legacy("foreign")
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(RunFileError, match="not a flain run"):
+        clear(foreign)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
 def test_a_run_of_ours_needs_overwrite(tmp_path, flain_cli):
     run = tmp_path / "run"
     mark(run, "run")
