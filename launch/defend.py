@@ -177,7 +177,7 @@ def defend_model(factory: str, initial_path: Path, final_path: Path, aux_path: P
     triggered = image_set(triggered_path, "--triggered") if triggered_path else None
     chosen = post_defenses(cfg)
     try:  # everything that would fail later, before anything is written
-        preflight(model_factory(factory), chosen, to_float(aux[0]), aux[1])
+        preflight(model, chosen, to_float(aux[0]), aux[1])
         problem = trained_fits_aux(model, to_float(aux[0]), aux[1])
     except AuxMismatch as exc:
         raise ConfigError(f"--aux {aux_path}: {exc}") from None

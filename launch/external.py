@@ -14,14 +14,9 @@ import torch
 from torch import nn
 
 from server.results import RunFileError
+from strategies.flain_defense import one_line
 
 ImageSet = tuple[torch.Tensor, torch.Tensor]  # images N x C x H x W (uint8 or float in [0, 1]), labels N
-
-
-def _why(exc: BaseException) -> str:
-    """An exception in one line (torch's and PIL's messages run over several)."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first[:200]}"
 
 
 def model_factory(ref: str) -> nn.Module:
@@ -34,11 +29,11 @@ def model_factory(ref: str) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise RunFileError(f"--model {ref!r}: {_why(exc)}") from None
+        raise RunFileError(f"--model {ref!r}: {one_line(exc)}") from None
     try:
         model = factory()
     except Exception as exc:  # noqa: BLE001 - the user's code: report it in one line
-        raise RunFileError(f"--model {ref!r}: calling it with no arguments raised {_why(exc)}") from None
+        raise RunFileError(f"--model {ref!r}: calling it with no arguments raised {one_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise RunFileError(f"--model {ref!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -51,7 +46,7 @@ def state_dict(path: Path, model: nn.Module, what: str) -> dict[str, torch.Tenso
     except FileNotFoundError:
         raise RunFileError(f"{what} {path}: no such file") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt or non-torch file
-        raise RunFileError(f"{what} {path}: not a torch.save file of tensors ({_why(exc)})") from None
+        raise RunFileError(f"{what} {path}: not a torch.save file of tensors ({one_line(exc)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RunFileError(f"{what} {path}: expected a state_dict (names -> tensors), got {type(state).__name__}")
     try:
@@ -95,7 +90,7 @@ def _npz(path: Path, what: str) -> ImageSet:
     except RunFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - not an npz, or object arrays
-        raise RunFileError(f"{what} {path}: not a readable .npz ({_why(exc)})") from None
+        raise RunFileError(f"{what} {path}: not a readable .npz ({one_line(exc)})") from None
 
 
 def _image(path: str) -> torch.Tensor:
@@ -115,7 +110,7 @@ def _folder(path: Path, what: str) -> ImageSet:
         folder = ImageFolder(str(path), loader=_image)
         pairs = [folder[i] for i in range(len(folder))]
     except Exception as exc:  # noqa: BLE001 - no class folders, an unreadable image
-        raise RunFileError(f"{what} {path}: not a folder of class folders of images ({_why(exc)})") from None
+        raise RunFileError(f"{what} {path}: not a folder of class folders of images ({one_line(exc)})") from None
     shapes = {tuple(img.shape) for img, _ in pairs}
     if len(shapes) != 1:
         raise RunFileError(f"{what} {path}: images of different shapes {sorted(shapes)[:3]}: resize them to one size")

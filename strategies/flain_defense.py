@@ -34,6 +34,7 @@ from torch import nn
 
 from experiment.config import ExperimentConfig
 from experiment.data import to_float
+from models import inference_batches
 from strategies.post_training import POST_DEFENSES, PostTrainingDefense, PostTrainingInput
 from strategies.post_training.tau import TauView
 
@@ -82,7 +83,8 @@ class AuxMismatch(ValueError):
     """The aux set cannot serve the defenses on this model (message: one line, why)."""
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception in one line (torch's and PIL's messages run over several)."""
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return f"{type(exc).__name__}: {first[:200]}"
 
@@ -97,7 +99,7 @@ def check_fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, what
         logits = model.eval()(images[probe].to(device))
     except (RuntimeError, ValueError, TypeError) as exc:
         shape = "x".join(str(d) for d in images.shape[1:])
-        raise AuxMismatch(f"the model cannot take the {what} images (each {shape}): {_one_line(exc)}") from None
+        raise AuxMismatch(f"the model cannot take the {what} images (each {shape}): {one_line(exc)}") from None
     if logits.dim() != 2:
         raise AuxMismatch(f"the model returns {tuple(logits.shape)} per batch: it must return logits (N x classes)")
     if int(labels.max()) >= logits.shape[1]:
@@ -133,8 +135,7 @@ def preflight(model: nn.Module, defenses: Mapping[str, PostTrainingDefense], ima
 @torch.no_grad()
 def aux_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """(the model's accuracy on the aux set, its number of classes)."""
-    device = next(model.parameters()).device
-    logits = torch.cat([model.eval()(images[i:i + 256].to(device)).cpu() for i in range(0, len(images), 256)])
+    logits = torch.cat([z.cpu() for z in inference_batches(model.eval(), images)])
     return (logits.argmax(1) == labels).float().mean().item(), logits.shape[1]
 
 
