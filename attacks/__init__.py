@@ -30,8 +30,9 @@ TRIGGERS: dict[str, Callable[..., TriggerScheme]] = {
 
 
 def scaling_factor(cfg: ExperimentConfig) -> float:
-    """`scaling-factor`, or (0) num-clients / num-malicious: together the attackers replace the model."""
-    return cfg.scaling_factor or cfg.num_clients / max(cfg.num_malicious, 1)
+    """`scaling-factor`, or (0) the round's clients / its attackers: together the attackers
+    replace the model (all clients training: num-clients / num-malicious)."""
+    return cfg.scaling_factor or cfg.round_clients / max(cfg.round_attackers, 1)
 
 
 # name -> builder(cfg): what a malicious client does in its local training

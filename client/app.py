@@ -85,3 +85,12 @@ def activation_ranking(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-examples": len(data.labels), "partition-id": partition_id})
     content = RecordDict({"ranks": ArrayRecord({"ranks": Array(ranks)}), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """Which partition this node serves: the server samples each round's clients by partition
+    (strategies/sampling.py) and asks once, before round 1. Loads no data."""
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"]),
+                            "num-partitions": int(context.node_config["num-partitions"])})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -40,7 +40,10 @@ class ExperimentConfig:
     dataset: str = "fmnist"
     network: str = "paper"  # paper: the authors' networks; two-dropout: dropout only around fc1
     num_clients: int = 10
-    min_clients: int = 0  # 0: half of num-clients, rounded up
+    clients_per_round: int = 0  # 0: every client trains every round (the paper); k: k sampled per round
+    attacker_schedule: str = "random"  # random: attackers sampled like everyone; fixed: attackers-per-round each round
+    attackers_per_round: int = -1  # fixed schedule: attackers in every round's sample; -1: mcr x clients-per-round
+    min_clients: int = 0  # 0: half of the round's clients, rounded up
     round_timeout: float = 600.0
     max_examples: int = 0  # 0: a client's partition size, as the server computes it
     num_rounds: int = 0  # 0: the data set's training length (experiment/data.py)
@@ -142,15 +145,33 @@ class ExperimentConfig:
         return [n.strip() for n in self.post_defenses.split(",") if n.strip()]
 
     @property
+    def round_clients(self) -> int:
+        """Clients that train in each round: `clients-per-round`, or (0) all of them."""
+        return self.clients_per_round or self.num_clients
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the server chooses each round's clients (else every connected client trains)."""
+        return self.round_clients < self.num_clients or self.attacker_schedule == "fixed"
+
+    @property
+    def round_attackers(self) -> int:
+        """Attackers in a round: exactly that many under the fixed schedule; the expected
+        count, rounded half up, under the random one (num-malicious when all clients train)."""
+        if self.attacker_schedule == "fixed" and self.attackers_per_round >= 0:
+            return self.attackers_per_round
+        return _round_half_up(Fraction(self.num_malicious, self.num_clients) * self.round_clients)
+
+    @property
     def min_replies(self) -> int:
-        """Clients a round needs to go on: `min-clients`, or (0) half of num-clients, rounded up."""
-        return self.min_clients or -(-self.num_clients // 2)
+        """Clients a round needs to go on: `min-clients`, or (0) half of the round's clients, rounded up."""
+        return self.min_clients or -(-self.round_clients // 2)
 
     @property
     def num_malicious(self) -> int:
         """round(mcr * num-clients), halves rounded up, computed exactly on the decimal
         mcr: 0.4/0.5/0.6 of 10 give 4/5/6, of 20 give 8/10/12; 0.25 of 10 gives 3."""
-        return int(Fraction(str(self.mcr)) * self.num_clients + Fraction(1, 2))
+        return _round_half_up(Fraction(str(self.mcr)) * self.num_clients)
 
     def run_path(self, name: str | None = None) -> Path:
         """`run-dir` as given, or runs/<name> (default: data set, split, attack, rule, seed, time)."""
@@ -171,10 +192,23 @@ class ExperimentConfig:
         at_least("num-clients", self.num_clients, 1)
         at_least("num-rounds", self.num_rounds, 0)
         at_least("checkpoint-every", self.checkpoint_every, 0)
-        if not 0 <= self.min_clients <= self.num_clients:
-            raise ConfigError(
-                f"min-clients={self.min_clients} is not allowed: 0 (auto: half) or 1..{self.num_clients}"
-            )
+        if not 0 <= self.clients_per_round <= self.num_clients:
+            raise ConfigError(f"clients-per-round={self.clients_per_round} is not allowed: "
+                              f"0 (all) or 1..{self.num_clients} (num-clients)")
+        if not 0 <= self.min_clients <= self.round_clients:
+            raise ConfigError(f"min-clients={self.min_clients} is not allowed: 0 (auto: half) "
+                              f"or 1..{self.round_clients} (the clients of a round)")
+        choice("attacker-schedule", self.attacker_schedule, ("random", "fixed"))
+        at_least("attackers-per-round", self.attackers_per_round, -1)
+        if self.attacker_schedule == "random" and self.attackers_per_round != -1:
+            raise ConfigError(f"attackers-per-round={self.attackers_per_round} needs attacker-schedule='fixed' "
+                              "(random: attackers are sampled like everyone)")
+        if self.attacker_schedule == "fixed":
+            a, k, m = self.round_attackers, self.round_clients, self.num_malicious
+            if a > m or k - a > self.num_clients - m:
+                raise ConfigError(
+                    f"attacker-schedule='fixed' with {a} attackers in each round of {k} clients is not possible: "
+                    f"there are {m} malicious and {self.num_clients - m} benign clients (mcr={self.mcr})")
         positive("round-timeout", self.round_timeout)
         at_least("max-examples", self.max_examples, 0)
         at_least("local-epochs", self.local_epochs, 1)
@@ -238,6 +272,10 @@ class ExperimentConfig:
             raise ConfigError(f"seed={self.seed} is not allowed: must satisfy 0 <= value <= {SEED_LIMIT}")
         if not self.data_dir:
             raise ConfigError("data-dir='' is empty: give a directory for the data sets")
+
+
+def _round_half_up(x: Fraction) -> int:
+    return int(x + Fraction(1, 2))
 
 
 def default_run_config() -> dict[str, Any]:

@@ -25,6 +25,7 @@ PURPOSES: dict[str, int] = {
     "weak-dp-noise": 11,  # aggregation=weak-dp: the noise on the aggregate, per round
     "fltrust-root": 12,  # aggregation=fltrust: the server's root set in the test split
     "fltrust-batches": 13,  # aggregation=fltrust: batch order of the server's training, per round
+    "sampling": 14,  # clients-per-round: the clients that train, per round
 }
 
 

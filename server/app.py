@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from functools import partial
 from logging import INFO
 
@@ -34,6 +35,7 @@ from server.results import RunDir, RunRecorder
 from server.tracking import make_tracker
 from strategies import AGGREGATIONS
 from strategies.flain_defense import FlainDefense
+from strategies.sampling import Sampled, sample_plan
 from strategies.aggregation.reply_guard import ReplyLimits
 
 app = ServerApp()
@@ -57,6 +59,14 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> None:
                 "start one SuperNode per client (simulation: num-supernodes = num-clients)"
             )
         time.sleep(1)
+
+
+def participation_plan(cfg: ExperimentConfig) -> Callable[[int], list[int]]:
+    """Round -> the partitions that train in it (clients-per-round, attacker-schedule)."""
+    fixed = cfg.attacker_schedule == "fixed"
+    return sample_plan(cfg.seed, cfg.num_clients, cfg.round_clients,
+                       malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed),
+                       cfg.round_attackers if fixed else None)
 
 
 def reply_limits(cfg: ExperimentConfig) -> ReplyLimits:
@@ -126,11 +136,16 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
         clock["t"] = now
         return MetricRecord(m)
 
-    wait_for_nodes(grid, cfg.num_clients)
+    wait_for_nodes(grid, cfg.num_clients)  # (sampled or not: every partition's node, as the split has them)
     # BatchNorm buffers are statistics, not learned: update-based rules must not flip them.
     # Clients send the whole state_dict (parameters and buffers); see models/__init__.py.
     buffers = frozenset(name for name, _ in model.named_buffers())
     strategy = AGGREGATIONS[cfg.aggregation](cfg, buffers, reply_limits(cfg))
+    rule = strategy  # what the rule logged (failures, attack and defense logs) is read from it
+    if cfg.sampled:
+        strategy = Sampled(strategy, choose=participation_plan(cfg), num_partitions=cfg.num_clients,
+                           malicious=malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed),
+                           timeout=cfg.round_timeout)
     # W0, the rounds, then every post-training defense on the final model (saved as they come)
     defended = FlainDefense(strategy, model_fn=partial(build_model, cfg.dataset, cfg.network),
                             aux=(images[aux_idx], labels[aux_idx]), defenses=post_defenses(cfg),
@@ -139,6 +154,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
                             timeout=cfg.round_timeout, evaluate_fn=evaluate)
     if not result.undefended:
         raise TrainingProducedNoModel("no round produced an aggregated model: every client failed or was refused")
-    recorder.finish(client_failures=getattr(strategy, "failures", []),
+    recorder.finish(client_failures=getattr(rule, "failures", []),
                     failed_defenses=[name for name, report in result.reports.items() if "error" in report],
-                    attack_log=getattr(strategy, "attack_log", []), defense_log=getattr(strategy, "defense_log", []))
+                    attack_log=getattr(rule, "attack_log", []), defense_log=getattr(rule, "defense_log", []),
+                    participation=getattr(strategy, "participation", []))

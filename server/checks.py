@@ -43,6 +43,8 @@ def resolved_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     return {
         "num-rounds": data.num_rounds(cfg),
         "aux-size": data.aux_size(cfg),
+        "clients-per-round": cfg.round_clients,
+        "attackers-per-round": cfg.round_attackers,
         "min-clients": cfg.min_replies,
         "num-malicious": cfg.num_malicious,
         "scaling-factor": attacks.scaling_factor(cfg),

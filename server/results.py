@@ -194,12 +194,16 @@ class RunRecorder:
         self.tracker.defense(name, result)
 
     def finish(self, client_failures: list[dict[str, Any]], failed_defenses: list[str],
-               attack_log: list[dict[str, Any]] = (), defense_log: list[dict[str, Any]] = ()) -> dict[str, Any]:
+               attack_log: list[dict[str, Any]] = (), defense_log: list[dict[str, Any]] = (),
+               participation: list[dict[str, Any]] = ()) -> dict[str, Any]:
         """Training completed; `defense-failed` if a post-training defense raised.
         `attack_log`: what each malicious reply reported (round, node, update norms...);
-        `defense_log`: what the aggregation rule did each round (admitted, weights, clip factors)."""
+        `defense_log`: what the aggregation rule did each round (admitted, weights, clip factors);
+        `participation`: with clients-per-round, the partitions each round sampled."""
         self.summary.update(client_failures=client_failures, failed_defenses=failed_defenses,
                             attack_log=list(attack_log), defense_log=list(defense_log))
+        if participation:
+            self.summary["participation"] = list(participation)
         self.summary["status"] = "defense-failed" if failed_defenses else "completed"
         self.summary["seconds_total"] = time.perf_counter() - self.started
         self._write_summary()

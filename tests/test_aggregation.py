@@ -79,8 +79,8 @@ def test_fedpruning_rank_aggregation_and_extremes():
     "changes,fragment",
     [
         ({"aggregation": "rlr", "rlr_theta": 11}, "rlr-theta=11"),
-        ({"aggregation": "krum", "krum_f": 8}, "needs num-clients >= krum-f + 3"),
-        ({"aggregation": "bulyan"}, "needs num-clients >= 4*krum-f + 3"),
+        ({"aggregation": "krum", "krum_f": 8}, "needs clients per round >= krum-f + 3"),
+        ({"aggregation": "bulyan"}, "needs clients per round >= 4*krum-f + 3"),
         ({"aggregation": "multikrum", "multikrum_m": 20}, "multikrum-m=20"),
         ({"trim_beta": 0.5}, "trim-beta=0.5"),
         ({"post_defenses": "flain,prune"}, "post-defenses='prune'"),

@@ -175,7 +175,7 @@ def _one_line_error(capsys, argv: list[str]) -> str:
     (["nmu-clients=3"], "unknown run-config key 'nmu-clients'"),
     (["num-clients=three"], "num-clients='three' is not allowed: must be an integer"),
     (["dataset=svhn"], "dataset='svhn' is not allowed: choose one of"),
-    (["aggregation=bulyan"], "needs num-clients >= 4*krum-f + 3"),
+    (["aggregation=bulyan"], "needs clients per round >= 4*krum-f + 3"),
 ])
 def test_cli_bad_settings_give_one_clear_line(capsys, tmp_path, sets, fragment):
     argv = ["run", "--dry-run", "--set", f"run-dir='{tmp_path / 'r'}'"]

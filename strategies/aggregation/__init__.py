@@ -1,6 +1,7 @@
 """Mid-training aggregation rules (registry: `aggregation=` name -> builder).
 
-Every rule samples every client every round (client sampling rate 1), skips client-side
+Every rule trains every client it is given each round (Flower's fraction 1; with
+`clients-per-round` the `Sampled` wrapper gives it the round's sample), skips client-side
 evaluation, and drops malformed replies (`reply_guard`). Flower's own strategies are used
 where Flower has the rule; RLR and the invariant aggregator act on updates (`DeltaStrategy`).
 """
@@ -31,8 +32,9 @@ def _common(cfg: ExperimentConfig, limits: ReplyLimits) -> dict[str, Any]:
 
 
 def krum_f(cfg: ExperimentConfig) -> int:
-    """Malicious clients that Krum/MultiKrum/Bulyan assume: `krum-f`, or (-1) the true count."""
-    return cfg.num_malicious if cfg.krum_f < 0 else cfg.krum_f
+    """Malicious clients per round that Krum/MultiKrum/Bulyan assume: `krum-f`, or (-1) the
+    true count (with sampling: the fixed schedule's count, or the expected one)."""
+    return cfg.round_attackers if cfg.krum_f < 0 else cfg.krum_f
 
 
 def fedavg(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
@@ -53,7 +55,7 @@ def krum(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) ->
 def multikrum(cfg: ExperimentConfig, buffers: frozenset[str], limits: ReplyLimits) -> Strategy:
     """Multi-Krum: average the `multikrum-m` most central updates (0 = n - f)."""
     f = krum_f(cfg)
-    m = cfg.multikrum_m or cfg.num_clients - f
+    m = cfg.multikrum_m or cfg.round_clients - f
     return guarded(MultiKrum)(num_malicious_nodes=f, num_nodes_to_select=m, **_common(cfg, limits))
 
 
@@ -126,16 +128,16 @@ AGGREGATIONS: dict[str, Callable[[ExperimentConfig, frozenset[str], ReplyLimits]
 def check(cfg: ExperimentConfig) -> None:
     """The rule is known and can work with these counts (raises ConfigError)."""
     choice("aggregation", cfg.aggregation, AGGREGATIONS)
-    n, f = cfg.num_clients, krum_f(cfg)
+    n, f = cfg.round_clients, krum_f(cfg)  # each rule sees one round's replies
     if cfg.aggregation == "rlr" and cfg.rlr_theta > n:
-        raise ConfigError(f"rlr-theta={cfg.rlr_theta} is not allowed with num-clients={n}: "
+        raise ConfigError(f"rlr-theta={cfg.rlr_theta} is not allowed with {n} clients per round: "
                           f"must be 0 (auto: a majority of each round's replies) or 1..{n}")
     # Krum scores each update by its n - f - 2 nearest neighbours: there must be one.
     # (Its guarantee needs n > 2f + 2; with fewer clients it still runs, unguaranteed.)
     if cfg.aggregation in ("krum", "multikrum") and n - f - 2 < 1:
-        raise ConfigError(f"aggregation={cfg.aggregation!r} needs num-clients >= krum-f + 3, "
-                          f"got num-clients={n}, krum-f={f}")
+        raise ConfigError(f"aggregation={cfg.aggregation!r} needs clients per round >= krum-f + 3, "
+                          f"got {n} clients per round, krum-f={f}")
     if cfg.aggregation == "multikrum" and cfg.multikrum_m > n:
         raise ConfigError(f"multikrum-m={cfg.multikrum_m} is not allowed: must be 0 (auto: n - f) or 1..{n}")
     if cfg.aggregation == "bulyan" and n < 4 * f + 3:
-        raise ConfigError(f"aggregation='bulyan' needs num-clients >= 4*krum-f + 3, got num-clients={n}, krum-f={f}")
+        raise ConfigError(f"aggregation='bulyan' needs clients per round >= 4*krum-f + 3, got {n} clients per round, krum-f={f}")
