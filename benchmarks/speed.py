@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,7 +96,10 @@ STARTUP_MARKS = (
     ("initial model evaluated (round 0)", "[flain] round 0/"),
     ("round 1 starts", "[ROUND 1/"),
 )
-def flain_run(overrides: list[str], rounds: int, workdir: Path) -> dict[str, float]:
+def flain_run(overrides: list[str], rounds: int, workdir: Path,
+              watch: Callable[[int], None] | None = None) -> dict[str, float]:
+    """`flain run` of `rounds` rounds: start-up by stage, round seconds (`watch(pid)` is called
+    once the command started, e.g. to sample its memory)."""
     run_dir = workdir / "run"
     cmd = [sys.executable, "-m", "launch.cli", "run", "--verbose", "--set", f"num-rounds={rounds}",
            "--set", f"run-dir='{run_dir}'", *sum((["--set", s] for s in overrides), [])]
@@ -103,6 +107,8 @@ def flain_run(overrides: list[str], rounds: int, workdir: Path) -> dict[str, flo
     first_round = last_round_end = None
     marks: dict[str, float] = {}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if watch is not None:
+        watch(proc.pid)
     for line in proc.stdout:
         now = time.perf_counter() - started
         for label, pattern in STARTUP_MARKS:

@@ -47,7 +47,8 @@ class ExperimentConfig:
     round_timeout: float = 600.0
     max_examples: int = 0  # 0: a client's partition size, as the server computes it
     num_rounds: int = 0  # 0: the data set's training length (experiment/data.py)
-    checkpoint_every: int = 0  # K: save the global model every K rounds (0: only the final one)
+    checkpoint_every: int = 0  # K: save the global model (and what the strategy keeps) every K rounds
+    resume: int = 0  # 1: go on with the run in run-dir after its last checkpoint (`flain run --resume`)
     tracker: str = "none"  # none, or tensorboard: event files in the run directory (server/tracking.py)
     local_epochs: int = 1
     batch_size: int = 256
@@ -192,6 +193,10 @@ class ExperimentConfig:
         at_least("num-clients", self.num_clients, 1)
         at_least("num-rounds", self.num_rounds, 0)
         at_least("checkpoint-every", self.checkpoint_every, 0)
+        if self.resume not in (0, 1):
+            raise ConfigError(f"resume={self.resume} is not allowed: 0, or 1 (set by flain run --resume)")
+        if self.resume and not self.run_dir:
+            raise ConfigError("resume=1 needs run-dir: the run to go on with")
         if not 0 <= self.clients_per_round <= self.num_clients:
             raise ConfigError(f"clients-per-round={self.clients_per_round} is not allowed: "
                               f"0 (all) or 1..{self.num_clients} (num-clients)")

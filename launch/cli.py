@@ -1,6 +1,7 @@
 """`flain`: the command for people.
 
   flain run [--set key=value ...] [--name NAME] [--overwrite] [--gpu] [--verbose] [--dry-run]
+  flain run --resume RUN_DIR [--gpu] [--verbose]
   flain deploy --nodes N [--tls] [--set key=value ...]
   flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL] [--round R]
   flain defend --model MODULE:FUNCTION --initial W0.pt --final W.pt --aux AUX --out DIR [--test T] [--triggered T]
@@ -98,12 +99,31 @@ def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
                           "choose another --name or run-dir, or pass --overwrite to replace it")
 
 
+def resumed_config(path: Path) -> ExperimentConfig:
+    """The configuration of the unfinished run in `path`, to go on after its last checkpoint."""
+    run = RunDir(path)
+    if not ours(run.path):
+        raise RunFileError(f"{path} is not a flain run directory")
+    saved = run.config()
+    known = default_run_config()
+    cfg = resolve({k: v for k, v in saved.items() if k in known} | {"resume": 1, "run-dir": str(path)}, None)
+    after = run.resume_point(num_rounds(cfg))
+    print(f"flain: resuming {path} after round {after} of {num_rounds(cfg)}", flush=True)
+    return cfg
+
+
 def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
     """The checked configuration with its data in place, or 0 after a dry run."""
     if args.name is not None:
         check_name(args.name)
-    cfg = resolve(parse_overrides(args.set) | forced, args.name)
-    check_paths(cfg, args.overwrite)
+    if getattr(args, "resume", None) is not None:
+        if args.set or args.name is not None or args.overwrite:
+            raise ConfigError("--resume goes on with the run's own configuration: "
+                              "it takes no --set, --name or --overwrite")
+        cfg = resumed_config(Path(args.resume))
+    else:
+        cfg = resolve(parse_overrides(args.set) | forced, args.name)
+        check_paths(cfg, args.overwrite)
     if args.dry_run:
         print(json.dumps(cfg.to_run_config(), indent=2))
         return 0
@@ -386,6 +406,8 @@ def parser() -> argparse.ArgumentParser:
                           "at most one per CPU core")
     run.add_argument("--verbose", "-v", action="store_true", help="show every Flower log line")
     run.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
+    run.add_argument("--resume", metavar="RUN_DIR", help="go on with an interrupted run after its last checkpoint "
+                     "(it must have run with checkpoint-every > 0); same final result as an uninterrupted run")
     run.set_defaults(func=cmd_run)
 
     dep = sub.add_parser("deploy", help="run as real processes: a SuperLink and N SuperNodes on 127.0.0.1")

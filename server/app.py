@@ -35,6 +35,7 @@ from server.results import RunDir, RunRecorder
 from server.tracking import make_tracker
 from strategies import AGGREGATIONS
 from strategies.flain_defense import FlainDefense
+from strategies.resume import kept_state, restore_state
 from strategies.sampling import Sampled, sample_plan
 from strategies.aggregation.reply_guard import ReplyLimits
 
@@ -84,7 +85,9 @@ def main(grid: Grid, context: Context) -> None:
     device = pick_device()
     precision, how = training_precision(cfg, device, build_model)  # measured once, then cached for the clients
     run_dir = cfg.run_path()
-    recorder = RunRecorder(
+    tracker = make_tracker(cfg, RunDir(run_dir).tracking_dir)
+    resumed = RunDir(run_dir).resume_point(num_rounds(cfg)) if cfg.resume else 0
+    recorder = RunRecorder.resume(run_dir, resumed, tracker) if cfg.resume else RunRecorder(
         run_dir,
         cfg.to_run_config() | {"run-dir": str(run_dir.resolve())},
         extra={
@@ -93,19 +96,19 @@ def main(grid: Grid, context: Context) -> None:
             "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
             "resolved": resolved_settings(cfg) | {"precision": precision, "precision-choice": how},
         },
-        tracker=make_tracker(cfg, RunDir(run_dir).tracking_dir),
+        tracker=tracker,
     )
-    log(INFO, "Run directory: %s", run_dir.resolve())
+    log(INFO, "Run directory: %s%s", run_dir.resolve(), f" (resumed after round {resumed})" if resumed else "")
     log(INFO, "[flain] training precision: %s (%s)", precision, how)
     try:
-        _run(grid, cfg, device, recorder)
+        _run(grid, cfg, device, recorder, resumed)
     except BaseException as exc:
         recorder.fail(f"{type(exc).__name__}: {exc}")
         log(INFO, "Run failed:\n%s", traceback.format_exc())
         raise
 
 
-def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunRecorder) -> None:
+def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunRecorder, resumed: int = 0) -> None:
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
     aux_idx, _ = aux_split(cfg, labels.numpy())
     _, eval_idx = root_split(cfg, labels.numpy(), aux_idx)  # FLTrust's root set is scored by nobody
@@ -114,23 +117,34 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
     torch.manual_seed(int_seed(cfg.seed, "init"))  # the initial global model depends on the seed only
     model = build_model(cfg.dataset, cfg.network)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
-    recorder.save_model("initial", initial_state)
+    run = RunDir(recorder.dir)
+    if resumed:  # W0 as the interrupted run saved it, and its model after round `resumed`
+        initial_state = run.load_model("initial", like=initial_state)
+        start_state = run.load_model("", like=initial_state, rnd=resumed)
+    else:
+        recorder.save_model("initial", initial_state)
+        start_state = initial_state
     rounds = num_rounds(cfg)
-    clock = {"t": time.perf_counter()}  # the end of the last round (round 0: its evaluation's start)
+    clock = {"t": time.perf_counter()}  # the end of the last round (the first: its evaluation's start)
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         started = time.perf_counter()
-        if rnd == 0:
+        if rnd == resumed:  # the first call: round 0, or the round resumed after
             clock["t"] = started
+            last = recorder.rounds[-1] if recorder.rounds else None
+            if resumed and last is not None and last["round"] == resumed:  # recorded before the stop
+                return MetricRecord({"acc": last["acc"], "asr": last["asr"]})
         state = arrays.to_torch_state_dict()
-        if cfg.checkpoint_every and rnd and rnd % cfg.checkpoint_every == 0:
-            recorder.save_checkpoint(rnd, state)  # `flain defend RUN --round R` defends it
         m = evaluator(state)
         now = time.perf_counter()
         recorder.round(rnd, m["acc"], m["asr"], now - clock["t"], now - started)
-        if rnd:
+        if cfg.checkpoint_every and rnd > resumed and rnd % cfg.checkpoint_every == 0:
+            # after its round is recorded: a resume point's round is always in rounds.csv.
+            # `flain defend RUN --round R` defends it; `flain run --resume RUN` goes on after it
+            recorder.save_checkpoint(rnd, state, kept_state(strategy))
+        if rnd > resumed:
             clock["trained"] = clock.get("trained", 0.0) + now - clock["t"]
-        eta = clock.get("trained", 0.0) / max(rnd, 1) * (rounds - rnd)
+        eta = clock.get("trained", 0.0) / max(rnd - resumed, 1) * (rounds - rnd)
         log(INFO, "[flain] round %d/%d  acc=%.4f  asr=%.4f  (%.1fs, evaluation %.1fs; about %s left in training)",
             rnd, rounds, m["acc"], m["asr"], now - clock["t"], now - started, _minutes(eta) if rnd else "?")
         clock["t"] = now
@@ -146,12 +160,15 @@ def _run(grid: Grid, cfg: ExperimentConfig, device: torch.device, recorder: RunR
         strategy = Sampled(strategy, choose=participation_plan(cfg), num_partitions=cfg.num_clients,
                            malicious=malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed),
                            timeout=cfg.round_timeout)
+    if resumed:
+        restore_state(strategy, run.resume_state(resumed))
     # W0, the rounds, then every post-training defense on the final model (saved as they come)
     defended = FlainDefense(strategy, model_fn=partial(build_model, cfg.dataset, cfg.network),
                             aux=(images[aux_idx], labels[aux_idx]), defenses=post_defenses(cfg),
                             evaluate_fn=evaluator, sink=recorder, device=device)
-    result = defended.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=rounds,
-                            timeout=cfg.round_timeout, evaluate_fn=evaluate)
+    result = defended.start(grid=grid, initial_arrays=ArrayRecord(start_state), num_rounds=rounds,
+                            timeout=cfg.round_timeout, evaluate_fn=evaluate, start_round=resumed + 1,
+                            w0=ArrayRecord(initial_state) if resumed else None)
     if not result.undefended:
         raise TrainingProducedNoModel("no round produced an aggregated model: every client failed or was refused")
     recorder.finish(client_failures=getattr(rule, "failures", []),

@@ -62,6 +62,11 @@ def checkpoint_file(run_dir: Path, rnd: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"round-{rnd}.pt"
 
 
+def resume_file(run_dir: Path, rnd: int) -> Path:
+    """What the strategy kept after round R (checkpoint-every), beside that round's model."""
+    return run_dir / CHECKPOINT_DIR / f"round-{rnd}.state.pt"
+
+
 def checkpoint_rounds(run_dir: Path) -> list[int]:
     """The rounds a run saved checkpoints of, ascending."""
     found = []
@@ -179,10 +184,36 @@ class RunRecorder:
     def save_model(self, name: str, state: dict[str, torch.Tensor]) -> Path:
         return save_state(model_file(self.dir, name), state)
 
-    def save_checkpoint(self, rnd: int, state: dict[str, torch.Tensor]) -> Path:
+    def save_checkpoint(self, rnd: int, state: dict[str, torch.Tensor], kept: dict[str, Any] | None = None) -> Path:
+        """The global model after round `rnd`, and (`kept`) what the strategy needs to go on
+        from there (strategies/resume.py), written after the model: a resume point has both."""
         path = checkpoint_file(self.dir, rnd)
         path.parent.mkdir(exist_ok=True)
-        return save_state(path, state)
+        save_state(path, state)
+        if kept is not None:
+            atomic_write(resume_file(self.dir, rnd), lambda f: torch.save({"round": rnd, "strategy": kept}, f))
+        return path
+
+    @classmethod
+    def resume(cls, run_dir: Path, rnd: int, tracker: Tracker | None = None) -> RunRecorder:
+        """Go on writing the run in `run_dir` after round `rnd`: its config, aux set and initial
+        model stay; the rounds after `rnd`, the final model's results and the defenses' go."""
+        self = cls.__new__(cls)
+        self.dir, self.tracker, self.started = run_dir, tracker or NoTracker(), time.perf_counter()
+        run = RunDir(run_dir)
+        self.rounds = [r for r in run.rounds() if r["round"] <= rnd]
+        old = run.summary()
+        keep = {k: v for k, v in old.items() if k not in ("status", "error", "final", "post_defenses", "client_failures",
+                                                          "failed_defenses", "attack_log", "defense_log",
+                                                          "participation", "seconds_total")}
+        last = self.rounds[-1] if self.rounds else None
+        self.summary = {**keep, "status": "running", "post_defenses": {},
+                        "resumed": [*old.get("resumed", []), {"after_round": rnd, "was": old.get("status")}]}
+        if last is not None:
+            self.summary["final"] = {"acc": last["acc"], "asr": last["asr"], "round": rnd}
+        self._write_rounds()
+        self._write_summary()
+        return self
 
     def save_aux(self, indices: np.ndarray) -> Path:
         """The aux set's indices in the test split (the rest is the evaluation set)."""
@@ -386,6 +417,34 @@ class RunDir:
 
     def checkpoint_rounds(self) -> list[int]:
         return checkpoint_rounds(self.path)
+
+    def resume_rounds(self) -> list[int]:
+        """Rounds a run can be resumed after: their model and their strategy state were saved."""
+        return [r for r in self.checkpoint_rounds() if resume_file(self.path, r).is_file()]
+
+    def resume_point(self, rounds: int) -> int:
+        """The round an unfinished run of `rounds` rounds goes on after: its last round whose
+        model and strategy state were saved (RunFileError, saying why, if there is none)."""
+        status = self.status()
+        if status in ("completed", "defense-failed", "missing"):
+            why = "it holds no run" if status == "missing" else f"it has finished (status {status!r})"
+            raise RunFileError(f"{self.path} cannot be resumed: {why}")
+        points = [r for r in self.resume_rounds() if r <= rounds]
+        if not points:
+            raise RunFileError(f"{self.path} cannot be resumed: it saved no checkpoint with its strategy state "
+                               "(only a run with checkpoint-every > 0 can be resumed)")
+        return points[-1]
+
+    def resume_state(self, rnd: int) -> dict[str, Any]:
+        """What the strategy kept after round `rnd` (RunFileError if unreadable or of another round)."""
+        path = resume_file(self.path, rnd)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it cannot be resumed from
+            raise RunFileError(f"{path}: not a readable strategy state ({type(exc).__name__}: {exc})") from None
+        if not isinstance(saved, dict) or saved.get("round") != rnd or not isinstance(saved.get("strategy"), dict):
+            raise RunFileError(f"{path}: not the strategy state of round {rnd}")
+        return saved["strategy"]
 
     def defended(self, label: str) -> RunDir:
         """`flain defend --name LABEL`'s result directory (label checked as one path component)."""

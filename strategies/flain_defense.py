@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -37,6 +37,8 @@ from experiment.data import to_float
 from models import inference_batches
 from strategies.post_training import POST_DEFENSES, PostTrainingDefense, PostTrainingInput
 from strategies.post_training.tau import TauView
+from strategies.resume import Offset
+from strategies.wrapping import StrategyWrapper
 
 StateDict = dict[str, torch.Tensor]
 # the metrics of a model (e.g. {"acc": ..., "asr": ...}), put beside each defense's report
@@ -192,7 +194,7 @@ class DefendedResult(Result):
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # every defense, "error" if it failed
 
 
-class FlainDefense(Strategy):
+class FlainDefense(StrategyWrapper):
     """Wrap `strategy` so that its final model is defended after the last round.
 
     Parameters
@@ -218,12 +220,9 @@ class FlainDefense(Strategy):
                  step: float = ExperimentConfig.flain_step, rho: float = ExperimentConfig.flain_rho,
                  start: float | None = None, evaluate_fn: Scores | None = None, sink: DefenseSink | None = None,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
-        if not isinstance(strategy, Strategy):
-            raise TypeError(f"strategy must be a Flower Strategy, got {type(strategy).__name__}")
         if isinstance(strategy, FlainDefense):
             raise TypeError("strategy is already a FlainDefense: wrap it once, with every defense")
-        self.strategy = strategy
+        super().__init__(strategy)
         self.model_fn = model_fn
         self.aux_images, self.aux_labels = _aux(aux)
         if not step > 0 or not 0 < rho <= 1 or (start is not None and not np.isfinite(start)):
@@ -241,14 +240,29 @@ class FlainDefense(Strategy):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> DefendedResult:
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              start_round: int = 1, w0: ArrayRecord | None = None) -> DefendedResult:
         """The wrapped strategy's `start()`, then every defense on its final arrays. What would
-        make the defenses fail (the aux set, tau) is refused before the first round."""
-        w0 = {k: v.clone() for k, v in initial_arrays.to_torch_state_dict().items()}
+        make the defenses fail (the aux set, tau) is refused before the first round.
+
+        To resume: `initial_arrays` are the model after round start_round - 1, `w0` the
+        training's true initial model (FLAIN's W0); rounds start_round..num_rounds are run and
+        `evaluate_fn` is told their true numbers (its round 0 call is start_round - 1);
+        start_round = num_rounds + 1 only defends `initial_arrays`."""
+        if not 1 <= start_round <= num_rounds + 1:
+            raise ValueError(f"start_round={start_round} must be in 1..num_rounds + 1 = {num_rounds + 1}")
+        if (w0 is None) != (start_round == 1):
+            raise ValueError("give w0 (the initial model) exactly when resuming (start_round > 1)")
+        w0 = {k: v.clone() for k, v in (w0 or initial_arrays).to_torch_state_dict().items()}
         preflight(self._model(w0), self.defenses, self.aux_images, self.aux_labels)
-        result = self.strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds,
-                                     timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
-                                     evaluate_fn=evaluate_fn)
+        loop = self.strategy if start_round == 1 else Offset(self.strategy, start_round - 1)
+        result = Result()  # (start_round = num_rounds + 1: nothing left to train)
+        if start_round <= num_rounds:
+            result = loop.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds - start_round + 1,
+                                timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
+                                evaluate_fn=evaluate_fn if start_round == 1 else loop.shifted(evaluate_fn))
+        if not result.arrays and start_round > 1:
+            result.arrays = initial_arrays  # resumed from a trained model: it stays if no round changed it
         kept = {f.name: getattr(result, f.name) for f in dataclasses.fields(Result)}
         if not result.arrays:  # no round aggregated anything: nothing to defend
             return DefendedResult(**kept, undefended=result.arrays)
@@ -284,19 +298,3 @@ class FlainDefense(Strategy):
             model = model.to(self.device)
         model.load_state_dict(state)
         return model
-
-    # ---- training is the wrapped strategy's, unchanged --------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)

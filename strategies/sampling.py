@@ -22,12 +22,13 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from experiment import seeds
+from strategies.wrapping import StrategyWrapper
 
 PARTITION_QUERY = "query.partition"
 ROSTER_METRICS = frozenset({"partition-id", "num-partitions"})
@@ -108,30 +109,22 @@ class _SampleView:
         return getattr(self._grid, name)
 
 
-class Sampled(Strategy):
+class Sampled(StrategyWrapper):
     """Wrap `strategy` so that round r trains only the partitions `choose(r)`.
 
-    `strategy` must train every node it sees (fraction_train 1). Attributes the wrapper does
-    not have (the reply guard's `failures`, `limits`, `record`, a rule's `defense_log`) are
-    the wrapped strategy's. `participation` lists, per round, the partitions sampled and those
-    that could not be reached.
+    `strategy` must train every node it sees (fraction_train 1). `participation` lists, per
+    round, the partitions sampled and those that could not be reached.
     """
+
+    RESUMABLE = ("participation",)
 
     def __init__(self, strategy: Strategy, *, choose: Callable[[int], Sequence[int]], num_partitions: int,
                  malicious: Collection[int] = (), timeout: float = 600.0) -> None:
-        super().__init__()
-        self.strategy, self.choose, self.num_partitions = strategy, choose, num_partitions
+        super().__init__(strategy)
+        self.choose, self.num_partitions = choose, num_partitions
         self.malicious, self.timeout = frozenset(malicious), timeout
         self.roster: dict[int, int] | None = None  # partition -> node, asked before round 1
         self.participation: list[dict[str, Any]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "strategy":  # not set yet (during __init__): no recursion
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
-
-    def __repr__(self) -> str:
-        return f"Sampled({self.strategy!r})"
 
     def summary(self) -> None:
         log(INFO, "\t├── clients per round: sampled by partition from the run's seed, of %d", self.num_partitions)
@@ -174,17 +167,6 @@ class Sampled(Strategy):
             return []
         view = _SampleView(grid, [self.roster[p] for p in reached])
         return self.strategy.configure_train(server_round, arrays, config, view)  # type: ignore[arg-type]
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
 
 def sample_plan(seed: int, num_clients: int, k: int, malicious: Collection[int],

@@ -200,25 +200,19 @@ def test_bulyan_fits_a_round_of_seven_with_one_attacker():
     check_experiment(ExperimentConfig.defaults(num_clients=50, clients_per_round=7, mcr=0.1, aggregation="bulyan"))
 
 
-@pytest.mark.slow
-def test_a_sampled_run_trains_the_seeded_sample_with_one_attacker_each_round(tmp_path):
+def test_a_sampled_run_trains_the_seeded_sample_with_one_attacker_each_round(flain_cli, tmp_path):
     """Real simulation: 6 clients (2 attackers), 3 of them per round with exactly 1 attacker,
     FoolsGold (histories by partition, so it sees who trained), 3 rounds on 5% of the data."""
     import json
-    import subprocess
-    import sys
 
     from attacks import malicious_clients
     from launch.superlink import SOURCE_ROOT
 
     run_dir = tmp_path / "sampled"
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "run", "--set", "num-clients=6", "--set", "clients-per-round=3",
-         "--set", "attacker-schedule='fixed'", "--set", "attackers-per-round=1", "--set", "mcr=0.34",
-         "--set", "num-rounds=3", "--set", "train-fraction=0.05", "--set", "aggregation='foolsgold'",
-         "--set", "post-defenses='flain'", "--set", f"run-dir='{run_dir}'",
-         "--set", f"data-dir='{SOURCE_ROOT / 'data'}'"],
-        cwd=SOURCE_ROOT, capture_output=True, text=True, timeout=900)
+    settings = {"num-clients": 6, "clients-per-round": 3, "attacker-schedule": "'fixed'", "attackers-per-round": 1,
+                "mcr": 0.34, "num-rounds": 3, "train-fraction": 0.05, "aggregation": "'foolsgold'",
+                "post-defenses": "'flain'", "run-dir": f"'{run_dir}'", "data-dir": f"'{SOURCE_ROOT / 'data'}'"}
+    proc = flain_cli("run", *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["client_failures"] == []

@@ -42,6 +42,8 @@ class Combined:
 class DeltaStrategy(FailureLog, FedAvg):
     """FedAvg whose parameter aggregation is `global + step(updates, weights)`."""
 
+    RESUMABLE = ("defense_log",)
+
     def __init__(self, *args: Any, buffer_keys: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.buffer_keys = frozenset(buffer_keys)

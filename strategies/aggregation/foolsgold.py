@@ -49,6 +49,8 @@ def foolsgold_weights(histories: np.ndarray) -> np.ndarray:
 class FoolsGold(WholeModelRule):
     """FoolsGold over the whole update, histories kept by partition id."""
 
+    RESUMABLE = ("histories",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.histories: dict[int, np.ndarray] = {}

@@ -137,6 +137,8 @@ class FailureLog:
     server). `partition` is the one the node served in an admitted reply, else the one its
     refused reply named (when that is a partition id at all), else None."""
 
+    RESUMABLE = ("failures",)  # strategies/resume.py: kept in a checkpoint
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failures: list[dict[str, Any]] = []
@@ -151,6 +153,8 @@ class FailureLog:
 class ReplyGuard(FailureLog):
     """Mixin before a Flower strategy: drops malformed replies before it aggregates, and
     keeps the global model when the aggregate is not finite."""
+
+    RESUMABLE = ("attack_log",)
 
     def __init__(self, *args: Any, limits: ReplyLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
