@@ -36,6 +36,7 @@ from experiment.data import DATASETS, DataUnavailable, fetch, num_rounds, presen
 from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table, read_run
 from server.checks import check_experiment
 from launch.superlink import RunFailed
+from launch.tls import certificate_hosts
 from server.results import RunDir, RunFileError, atomic_text, check_name, clear, end_status, ours
 
 EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
@@ -154,7 +155,8 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
     where = f"{nodes} SuperNodes{' with TLS and node authentication' if tls else ''}" if nodes else "simulation"
     print(f"flain: {cfg.num_clients} clients, {num_rounds(cfg)} rounds, {where}; results in {run_dir}", flush=True)
     try:
-        with private_superlink(simulation=not nodes, tls=tls) as link:
+        with private_superlink(simulation=not nodes, tls=tls, host=getattr(args, "superlink_host", "127.0.0.1"),
+                               sans=getattr(args, "san", ())) as link:
             fed = Federation(link, nodes, link.tls) if nodes else None
             try:
                 if fed:
@@ -229,6 +231,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ConfigError(f"--nodes {args.nodes} is not allowed: must be >= 1")
+    if args.san and not args.tls:
+        raise ConfigError("--san names the certificate's hosts: it needs --tls")
+    try:
+        certificate_hosts(args.superlink_host, *args.san)
+    except ValueError as exc:
+        raise ConfigError(f"--san/--superlink-host: {exc}") from None
     if any(pair.partition("=")[0].strip() == "num-clients" for pair in args.set):
         raise ConfigError("num-clients is --nodes in a deployment (one client per SuperNode)")
     cfg = _prepare(args, **{"num-clients": args.nodes})
@@ -379,12 +387,24 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes {args.nodes} is not allowed: must be >= 1")
-    Path(args.out).write_text(compose_yaml(args.nodes, flwr_pin()))
-    print(f"flain: wrote {args.out} ({args.nodes} SuperNodes)")
+    partitions = args.num_partitions or args.nodes
+    if not 0 <= args.first_partition or args.first_partition + args.nodes > partitions:
+        raise ConfigError(f"--first-partition {args.first_partition} with --nodes {args.nodes} does not fit "
+                          f"--num-partitions {partitions}: partitions are 0..{partitions - 1}")
+    if args.superlink is not None and not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}", args.superlink):
+        raise ConfigError(f"--superlink {args.superlink!r} is not HOST:PORT")
+    try:
+        hosts = certificate_hosts(*args.san)
+    except ValueError as exc:
+        raise ConfigError(f"--san: {exc}") from None
+    Path(args.out).write_text(compose_yaml(args.nodes, flwr_pin(), superlink=args.superlink,
+                                           first=args.first_partition, partitions=partitions))
+    print(f"flain: wrote {args.out} ({args.nodes} SuperNodes"
+          + (f", joining the SuperLink at {args.superlink})" if args.superlink else ")"))
     if args.certs:
         certs = Path(args.certs)
-        make_tls(certs)
-        for i in range(args.nodes):
+        make_tls(certs, hosts)
+        for i in range(args.first_partition, args.first_partition + args.nodes):
             make_node_key(certs, f"node{i}")
         print(f"flain: wrote a throwaway CA, the SuperLink's certificate and {args.nodes} node keys to {certs}/")
     return 0
@@ -414,6 +434,12 @@ def parser() -> argparse.ArgumentParser:
     dep.add_argument("--nodes", type=int, default=3, help="SuperNodes (= clients, one partition each)")
     dep.add_argument("--tls", action="store_true",
                      help="TLS with a throwaway CA, and SuperNode authentication (registered keys only)")
+    dep.add_argument("--superlink-host", default="127.0.0.1", metavar="ADDRESS",
+                     help="the address the SuperLink listens on (0.0.0.0: every interface, for SuperNodes on "
+                          "other machines; default 127.0.0.1: this machine only)")
+    dep.add_argument("--san", action="append", default=[], metavar="NAME",
+                     help="with --tls: a host name or IP address the certificate is also valid for (repeatable): "
+                          "the one SuperNodes on other machines dial")
     dep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
     dep.add_argument("--name", help="run directory name under runs/ (default: generated)")
     dep.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run directory")
@@ -476,6 +502,13 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--nodes", type=int, default=3)
     comp.add_argument("--out", default="docker-compose.yml")
     comp.add_argument("--certs", help="also write a throwaway CA, server certificate and node keys here")
+    comp.add_argument("--san", action="append", default=[], metavar="NAME",
+                      help="a host name or IP address the SuperLink's certificate is also valid for (repeatable): "
+                           "the one SuperNodes on other machines dial")
+    comp.add_argument("--superlink", metavar="HOST:PORT",
+                      help="SuperNodes only, joining the SuperLink at HOST:PORT on another machine")
+    comp.add_argument("--first-partition", type=int, default=0, help="with --superlink: the first partition served here")
+    comp.add_argument("--num-partitions", type=int, default=0, help="all partitions of the federation (default: --nodes)")
     comp.set_defaults(func=cmd_compose)
 
     table = sub.add_parser("table", help="ACC/ASR of finished runs side by side (markdown)")

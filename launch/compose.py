@@ -44,10 +44,16 @@ def _var(name: str, version: str) -> str:
     return f"${{{name}:-{IMAGE_VARIABLES[name].format(v=version)}}}"
 
 
-def compose_services(nodes: int, flwr_version: str) -> dict[str, Any]:
+def compose_services(nodes: int, flwr_version: str, superlink: str | None = None, first: int = 0,
+                     partitions: int | None = None) -> dict[str, Any]:
     """docker-compose.yml for a SuperLink, its ServerApp runner and `nodes` SuperNodes with
     their ClientApp runners, TLS and SuperNode authentication on. The SuperLink and
-    SuperNode commands are built by the same functions `flain deploy` uses."""
+    SuperNode commands are built by the same functions `flain deploy` uses.
+
+    `superlink` (HOST:PORT): the SuperNodes join that SuperLink on another machine instead
+    (no SuperLink or ServerApp here); they serve partitions first..first + nodes - 1 of
+    `partitions` (default: nodes), so each machine's file takes its own share."""
+    partitions = partitions or nodes
     certs = Tls(Path("/certs/ca.crt"), Path("/certs/server.pem"), Path("/certs/server.key"))
 
     def flags(cmd: list[str]) -> list[str]:
@@ -62,7 +68,8 @@ def compose_services(nodes: int, flwr_version: str) -> dict[str, Any]:
     app = {"build": {"context": ".", "network": "host", "args": build_args},
            "image": _var("FLAIN_APP_IMAGE", flwr_version),
            "volumes": ["./data:/app/data", "./runs:/app/runs", "./certs:/certs:ro"]}
-    services: dict[str, Any] = {
+    dial = superlink or f"superlink:{COMPOSE_PORT}"
+    services: dict[str, Any] = {} if superlink else {
         "superlink": {
             "image": _var("FLAIN_SUPERLINK_IMAGE", flwr_version),
             "command": superlink_args(certs) + ["--host", "0.0.0.0", "--port", str(COMPOSE_PORT),
@@ -78,13 +85,13 @@ def compose_services(nodes: int, flwr_version: str) -> dict[str, Any]:
             "depends_on": ["superlink"],
         },
     }
-    for i in range(nodes):
-        node = supernode_command(f"superlink:{COMPOSE_PORT}", NODE_PORT, i, nodes, certs.ca, Path(f"/certs/node{i}"))
+    for i in range(first, first + nodes):
+        node = supernode_command(dial, NODE_PORT, i, partitions, certs.ca, Path(f"/certs/node{i}"))
         services[f"supernode-{i}"] = {
             "image": _var("FLAIN_SUPERNODE_IMAGE", flwr_version),
             "command": flags(node)[:2] + ["--host", "0.0.0.0"] + flags(node)[2:] + ["--isolation", "process"],
             "volumes": ["./certs:/certs:ro"],
-            "depends_on": ["superlink"],
+            **({} if superlink else {"depends_on": ["superlink"]}),
         }
         runner = {**app, "command": ["--runtime-api-address", f"supernode-{i}:{NODE_PORT}", "--insecure"],
                   "depends_on": [f"supernode-{i}"]}
@@ -98,12 +105,14 @@ def compose_services(nodes: int, flwr_version: str) -> dict[str, Any]:
     return {"name": "flain", "services": services}
 
 
-def compose_yaml(nodes: int, flwr_version: str) -> str:
-    """The whole docker-compose.yml text (header + services, no YAML anchors)."""
+def compose_yaml(nodes: int, flwr_version: str, **where: Any) -> str:
+    """The whole docker-compose.yml text (header + services, no YAML anchors); `where`:
+    compose_services' superlink, first and partitions."""
     import yaml
 
     class Plain(yaml.SafeDumper):  # no &anchors: each service reads on its own
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
-    return COMPOSE_HEADER + yaml.dump(compose_services(nodes, flwr_version), Dumper=Plain, sort_keys=False, width=120)
+    return COMPOSE_HEADER + yaml.dump(compose_services(nodes, flwr_version, **where), Dumper=Plain, sort_keys=False,
+                                      width=120)

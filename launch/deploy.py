@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from launch.superlink import CONNECTION, SuperLink, _bin, free_port, log_tail, stop_tree
@@ -29,8 +30,12 @@ def supernode_command(superlink: str, port: int, partition: int, partitions: int
 class Federation:
     """A SuperLink and its SuperNodes, all processes of this machine."""
 
-    def __init__(self, link: SuperLink, nodes: int, tls: Tls | None) -> None:
+    def __init__(self, link: SuperLink, nodes: int, tls: Tls | None,
+                 wrap: Callable[[int], Sequence[str]] | None = None, dial: str | None = None) -> None:
+        """`dial`: the SuperLink address the nodes use (default: the link's own); `wrap`: a
+        command prefix per partition (the tests' `ip netns exec NS`)."""
         self.link, self.count, self.tls = link, nodes, tls
+        self.wrap, self.dial = wrap or (lambda partition: ()), dial
         self.nodes: list[subprocess.Popen] = []
 
     def start_node(self, partition: int, register: bool = True) -> subprocess.Popen:
@@ -41,8 +46,9 @@ class Federation:
                 self.link.flwr("supernode", "register", str(public), CONNECTION)
         log = self._log(partition).open("ab")
         proc = subprocess.Popen(
-            supernode_command(self.link.address, free_port(), partition, self.count,
-                              self.tls.ca if self.tls else None, private),
+            [*self.wrap(partition),
+             *supernode_command(self.dial or self.link.address, free_port(), partition, self.count,
+                                self.tls.ca if self.tls else None, private)],
             env=self.link.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.nodes.append(proc)

@@ -20,14 +20,14 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from experiment.config import ExperimentConfig
 from experiment.data import num_rounds
-from launch.tls import Tls, make_tls
+from launch.tls import Tls, certificate_hosts, make_tls
 
 CONNECTION = "flain"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the Flower app's directory in a source tree
@@ -161,8 +161,13 @@ class SuperLink:
     """One SuperLink process on 127.0.0.1 and a `flwr` CLI configured to reach it."""
 
     def __init__(self, workdir: Path, simulation: bool = True, tls: Tls | None = None, port: int | None = None,
-                 isolation: str = "subprocess"):
+                 isolation: str = "subprocess", host: str = "127.0.0.1", dial: str | None = None,
+                 wrap: Sequence[str] = ()):
         self.workdir = workdir
+        # host: the address it listens on (0.0.0.0: every interface); dial: the one the flwr
+        # CLI and local SuperNodes use; wrap: a command prefix (the tests' `ip netns exec NS`)
+        self.host, self.wrap = host, list(wrap)
+        self.dial = dial or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
         self.simulation = simulation
         self.isolation = isolation  # "process": the ServerApp runner is someone else's (a container)
         self.tls = tls  # None: --insecure
@@ -173,7 +178,7 @@ class SuperLink:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.dial}:{self.port}"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -200,7 +205,7 @@ class SuperLink:
 
     def start(self, timeout: float = 60.0) -> None:
         self.write_connection()
-        cmd = [_bin("flower-superlink"), *superlink_args(self.tls), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [*self.wrap, _bin("flower-superlink"), *superlink_args(self.tls), "--host", self.host, "--port", str(self.port),
                "--disable-runtime-dependency-installation", "--isolation", self.isolation]
         if self.simulation:
             cmd.append("--simulation")
@@ -212,7 +217,7 @@ class SuperLink:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with code {self.proc.returncode}; see {self.log_path}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.dial, self.port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.3)
@@ -337,14 +342,18 @@ def write_run_config(run_config: dict[str, Any], path: Path) -> Path:
 
 
 @contextmanager
-def private_superlink(simulation: bool = True, tls: bool = False, isolation: str = "subprocess") -> Iterator[SuperLink]:
+def private_superlink(simulation: bool = True, tls: bool = False, isolation: str = "subprocess",
+                      host: str = "127.0.0.1", dial: str | None = None, sans: Sequence[str] = (),
+                      wrap: Sequence[str] = ()) -> Iterator[SuperLink]:
     """A started SuperLink in a temporary FLWR_HOME; everything is stopped on exit.
 
-    With `tls`: a throwaway CA and certificate, TLS on every API, SuperNode
-    authentication on (only registered node keys get in)."""
+    With `tls`: a throwaway CA and a certificate for this machine, `host`, `dial` and `sans`
+    (what SuperNodes elsewhere dial), TLS on every API, SuperNode authentication on (only
+    registered node keys get in)."""
     workdir = Path(tempfile.mkdtemp(prefix="flain-"))
-    link = SuperLink(workdir, simulation=simulation, tls=make_tls(workdir / "tls") if tls else None,
-                     isolation=isolation)
+    certificate = make_tls(workdir / "tls", certificate_hosts(host, dial or "", *sans)) if tls else None
+    link = SuperLink(workdir, simulation=simulation, tls=certificate, isolation=isolation, host=host, dial=dial,
+                     wrap=wrap)
     try:
         link.start()
         yield link

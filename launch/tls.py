@@ -19,7 +19,30 @@ class Tls:
     key: Path
 
 
-def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "superlink")) -> Tls:
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "superlink")  # this machine, and the compose service name
+
+
+def certificate_hosts(*extra: str) -> tuple[str, ...]:
+    """The names and addresses the SuperLink's certificate is valid for: this machine's and
+    the compose service's, then `extra` (the addresses SuperNodes on other hosts dial), once each.
+    A wildcard listen address (0.0.0.0, ::) names no host and is left out."""
+    hosts = [h for h in (*LOCAL_HOSTS, *extra) if h and h not in ("0.0.0.0", "::")]
+    for host in hosts:
+        if not host.replace(".", "").replace("-", "").replace(":", "").isalnum():
+            raise ValueError(f"{host!r} is not a host name or IP address for the certificate")
+    return tuple(dict.fromkeys(hosts))
+
+
+def _san(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_tls(folder: Path, hosts: tuple[str, ...] = LOCAL_HOSTS) -> Tls:
     """A self-signed CA and a server certificate for `hosts` (valid for one day)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -37,7 +60,7 @@ def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    names = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
+    names = [_san(h) for h in hosts]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
