@@ -1,0 +1,62 @@
+"""Flower's simulation on a Ray cluster of two nodes (both on this machine, one CPU each, as
+`ray start --head` and `ray start --address` on two hosts would make it): `flain run` with
+RAY_ADDRESS joins the cluster and places one ClientApp actor on each node (docs/deployment.md)."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.superlink import SOURCE_ROOT, _terminate, free_port, processes_with_env
+
+pytestmark = pytest.mark.slow
+
+
+def _ray(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "ray"), *args]
+
+
+def test_a_simulation_spreads_its_clients_over_two_ray_nodes(tmp_path):
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    env = dict(os.environ, RAY_TMPDIR=temp)
+    head = subprocess.Popen(_ray("start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard",
+                                 "false", "--block"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+                time.sleep(1)
+        worker = subprocess.Popen(_ray("start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--block"),
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while subprocess.run(_ray("status", "--address", f"127.0.0.1:{port}"), env=env, capture_output=True,
+                             text=True, timeout=60).stdout.count(" node_") < 2:
+            assert worker.poll() is None and time.monotonic() < deadline, "the second Ray node did not join"
+            time.sleep(2)
+
+        run_dir = tmp_path / "run"
+        proc = subprocess.run(
+            [sys.executable, "-m", "launch.cli", "run", "--set", "num-clients=2", "--set", "num-rounds=1",
+             "--set", "train-fraction=0.05", "--set", "post-defenses=''", "--set", f"run-dir='{run_dir}'",
+             "--set", f"data-dir='{SOURCE_ROOT / 'data'}'"],
+            cwd=SOURCE_ROOT, capture_output=True, text=True, timeout=900,
+            env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # each node's raylet lists the workers it started: a ClientApp actor on both
+        logs = sorted((Path(temp) / "ray" / "session_latest" / "logs").glob("raylet*.out"))
+        assert len(logs) == 2
+        assert all("ClientAppActor" in log.read_text() for log in logs), [log.name for log in logs]
+    finally:
+        _terminate(processes_with_env("RAY_TMPDIR", temp), grace=10)
+        for proc in (head, locals().get("worker")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
