@@ -210,7 +210,7 @@ class ExperimentConfig:
                               "(random: attackers are sampled like everyone)")
         if self.attacker_schedule == "fixed":
             a, k, m = self.round_attackers, self.round_clients, self.num_malicious
-            if a > m or k - a > self.num_clients - m:
+            if a > k or a > m or k - a > self.num_clients - m:
                 raise ConfigError(
                     f"attacker-schedule='fixed' with {a} attackers in each round of {k} clients is not possible: "
                     f"there are {m} malicious and {self.num_clients - m} benign clients (mcr={self.mcr})")

@@ -103,7 +103,7 @@ def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
 def resumed_config(path: Path) -> ExperimentConfig:
     """The configuration of the unfinished run in `path`, to go on after its last checkpoint."""
     run = RunDir(path)
-    if not ours(run.path):
+    if not run.path.is_dir() or not ours(run.path):
         raise RunFileError(f"{path} is not a flain run directory")
     saved = run.config()
     known = default_run_config()
@@ -233,6 +233,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nodes {args.nodes} is not allowed: must be >= 1")
     if args.san and not args.tls:
         raise ConfigError("--san names the certificate's hosts: it needs --tls")
+    if args.superlink_host not in ("127.0.0.1", "localhost", "::1") and not args.tls:
+        raise ConfigError(f"--superlink-host {args.superlink_host} opens the SuperLink beyond this machine: it needs "
+                          "--tls (node authentication); its Control API has no user authentication either, so let "
+                          "only your own machines reach the port (docs/deployment.md)")
     try:
         certificate_hosts(args.superlink_host, *args.san)
     except ValueError as exc:
@@ -393,20 +397,26 @@ def cmd_compose(args: argparse.Namespace) -> int:
                           f"--num-partitions {partitions}: partitions are 0..{partitions - 1}")
     if args.superlink is not None and not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}", args.superlink):
         raise ConfigError(f"--superlink {args.superlink!r} is not HOST:PORT")
+    if args.superlink is None and (args.first_partition or partitions != args.nodes):
+        raise ConfigError("--first-partition and --num-partitions share the partitions out between machines: "
+                          "they need --superlink (this file's SuperNodes join a SuperLink elsewhere)")
+    if args.superlink is not None and args.certs:
+        raise ConfigError("--certs makes a new CA, which the SuperLink elsewhere does not trust: copy its ca.crt "
+                          "and these partitions' node keys from the SuperLink's certs/ instead")
     try:
         hosts = certificate_hosts(*args.san)
     except ValueError as exc:
         raise ConfigError(f"--san: {exc}") from None
+    if args.certs:  # first: a certificate that cannot be made leaves no compose file behind
+        certs = Path(args.certs)
+        make_tls(certs, hosts)
+        for i in range(args.nodes):
+            make_node_key(certs, f"node{i}")
+        print(f"flain: wrote a throwaway CA, the SuperLink's certificate and {args.nodes} node keys to {certs}/")
     Path(args.out).write_text(compose_yaml(args.nodes, flwr_pin(), superlink=args.superlink,
                                            first=args.first_partition, partitions=partitions))
     print(f"flain: wrote {args.out} ({args.nodes} SuperNodes"
           + (f", joining the SuperLink at {args.superlink})" if args.superlink else ")"))
-    if args.certs:
-        certs = Path(args.certs)
-        make_tls(certs, hosts)
-        for i in range(args.first_partition, args.first_partition + args.nodes):
-            make_node_key(certs, f"node{i}")
-        print(f"flain: wrote a throwaway CA, the SuperLink's certificate and {args.nodes} node keys to {certs}/")
     return 0
 
 

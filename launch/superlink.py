@@ -178,7 +178,7 @@ class SuperLink:
 
     @property
     def address(self) -> str:
-        return f"{self.dial}:{self.port}"
+        return f"[{self.dial}]:{self.port}" if ":" in self.dial else f"{self.dial}:{self.port}"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

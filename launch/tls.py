@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ class Tls:
     key: Path
 
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "superlink")  # this machine, and the compose service name
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "superlink")
+_DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")  # this machine, and the compose service name
 
 
 def certificate_hosts(*extra: str) -> tuple[str, ...]:
@@ -28,8 +30,12 @@ def certificate_hosts(*extra: str) -> tuple[str, ...]:
     A wildcard listen address (0.0.0.0, ::) names no host and is left out."""
     hosts = [h for h in (*LOCAL_HOSTS, *extra) if h and h not in ("0.0.0.0", "::")]
     for host in hosts:
-        if not host.replace(".", "").replace("-", "").replace(":", "").isalnum():
-            raise ValueError(f"{host!r} is not a host name or IP address for the certificate")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _DNS_NAME.fullmatch(host):
+                raise ValueError(f"{host!r} is not a host name (ASCII letters, digits, '-' and '.') or an IP "
+                                 "address for the certificate") from None
     return tuple(dict.fromkeys(hosts))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from logging import INFO
 
@@ -62,8 +62,8 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float = 300.0) -> None:
         time.sleep(1)
 
 
-def participation_plan(cfg: ExperimentConfig) -> Callable[[int], list[int]]:
-    """Round -> the partitions that train in it (clients-per-round, attacker-schedule)."""
+def participation_plan(cfg: ExperimentConfig) -> Callable[[int, Sequence[int]], list[int]]:
+    """(round, partitions that answered) -> those that train in it (clients-per-round, attacker-schedule)."""
     fixed = cfg.attacker_schedule == "fixed"
     return sample_plan(cfg.seed, cfg.num_clients, cfg.round_clients,
                        malicious_clients(cfg.num_clients, cfg.num_malicious, cfg.seed),

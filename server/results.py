@@ -192,6 +192,9 @@ class RunRecorder:
         save_state(path, state)
         if kept is not None:
             atomic_write(resume_file(self.dir, rnd), lambda f: torch.save({"round": rnd, "strategy": kept}, f))
+            for older in checkpoint_rounds(self.dir):  # only the newest is ever resumed from (FoolsGold's
+                if older < rnd:  # histories make each one as large as a model per client)
+                    resume_file(self.dir, older).unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -71,18 +71,45 @@ def kept_state(strategy: Strategy) -> dict[str, dict[str, Any]]:
             for s in _chain(strategy) if _names(s)}
 
 
+def _problem(value: Any, like: Any) -> str | None:
+    """Why a saved attribute cannot replace `like` (its fresh value): the logs are lists of
+    records, the histories {partition: one finite vector}, all of one length."""
+    if type(value) is not type(like):
+        return f"is a {type(value).__name__}, expected a {type(like).__name__}"
+    if isinstance(value, list) and not all(isinstance(e, dict) and all(isinstance(k, str) for k in e) for e in value):
+        return "holds entries that are not records"
+    if isinstance(value, dict):
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in value):
+            return "has keys that are not partition ids"
+        vectors = list(value.values())
+        if not all(isinstance(v, np.ndarray) and v.ndim == 1 and np.isfinite(v).all() for v in vectors):
+            return "holds values that are not finite vectors"
+        if len({len(v) for v in vectors}) > 1:
+            return "holds vectors of different lengths"
+    return None
+
+
 def restore_state(strategy: Strategy, state: dict[str, dict[str, Any]]) -> None:
-    """Put `kept_state`'s values back; a state of other classes or attributes is refused whole
+    """Put `kept_state`'s values back. A state of other classes or attributes, or with a value
+    of another shape than the strategy keeps (a damaged or edited file), is refused whole
     (ValueError), before anything is changed."""
+    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+        raise ValueError("saved state is not {class: {attribute: value}}")
     chain = {type(s).__name__: s for s in _chain(strategy) if _names(s)}
     if set(state) != set(chain):
         raise ValueError(f"saved state is of {sorted(state)}, this run's strategy is {sorted(chain)}")
+    restored = {}
     for owner, values in state.items():
         if set(values) != set(_names(chain[owner])):
             raise ValueError(f"saved state of {owner} holds {sorted(values)}, expected {_names(chain[owner])}")
-    for owner, values in state.items():
         for name, value in values.items():
-            setattr(chain[owner], name, _from_saved(value))
+            value = _from_saved(value)
+            problem = _problem(value, getattr(chain[owner], name))
+            if problem:
+                raise ValueError(f"saved state of {owner}.{name} {problem}")
+            restored[owner, name] = value
+    for (owner, name), value in restored.items():
+        setattr(chain[owner], name, value)
 
 
 class Offset(StrategyWrapper):

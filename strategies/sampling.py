@@ -35,21 +35,28 @@ ROSTER_METRICS = frozenset({"partition-id", "num-partitions"})
 
 
 def round_sample(seed: int, rnd: int, num_clients: int, k: int, malicious: Collection[int] = (),
-                 attackers: int | None = None) -> list[int]:
+                 attackers: int | None = None, available: Collection[int] | None = None) -> list[int]:
     """The partition ids that train in round `rnd`, sorted: `k` drawn uniformly without
     replacement (attackers None), or exactly `attackers` of the malicious ids and k - attackers
     of the others (the fixed schedule). One stream per round: a round's sample does not depend
-    on the rounds before it (a resumed run draws the same)."""
+    on the rounds before it (a resumed run draws the same).
+
+    `available`: draw only from these partitions (those whose node answered the partition
+    query); with fewer of a kind than asked, all of them. So a hostile node that claims an
+    honest client's partition takes that client out of the draw, but cannot empty a round."""
     rng = seeds.rng(seed, "sampling", rnd)
+    pool = list(range(num_clients)) if available is None else sorted({int(p) for p in available
+                                                                       if 0 <= p < num_clients})
     if attackers is None:
-        return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
-    bad = sorted(int(i) for i in malicious)
-    good = [i for i in range(num_clients) if i not in set(bad)]
-    if not 0 <= attackers <= min(k, len(bad)) or k - attackers > len(good):
+        return sorted(pool[i] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False))
+    bad_set = {int(i) for i in malicious}
+    bad, good = [p for p in pool if p in bad_set], [p for p in pool if p not in bad_set]
+    if available is None and (not 0 <= attackers <= min(k, len(bad)) or k - attackers > len(good)):
         raise ValueError(f"cannot put {attackers} of {len(bad)} attackers in a round of {k} "
                          f"with {len(good)} benign clients")
-    chosen = [bad[i] for i in rng.choice(len(bad), size=attackers, replace=False)]
-    chosen += [good[i] for i in rng.choice(len(good), size=k - attackers, replace=False)]
+    a = min(attackers, len(bad))
+    chosen = [bad[i] for i in rng.choice(len(bad), size=a, replace=False)]
+    chosen += [good[i] for i in rng.choice(len(good), size=min(k - a, len(good)), replace=False)]
     return sorted(chosen)
 
 
@@ -110,7 +117,8 @@ class _SampleView:
 
 
 class Sampled(StrategyWrapper):
-    """Wrap `strategy` so that round r trains only the partitions `choose(r)`.
+    """Wrap `strategy` so that round r trains only the partitions `choose(r, answered)`, where
+    `answered` are those whose node answered the partition query.
 
     `strategy` must train every node it sees (fraction_train 1). `participation` lists, per
     round, the partitions sampled and those that could not be reached.
@@ -118,7 +126,8 @@ class Sampled(StrategyWrapper):
 
     RESUMABLE = ("participation",)
 
-    def __init__(self, strategy: Strategy, *, choose: Callable[[int], Sequence[int]], num_partitions: int,
+    def __init__(self, strategy: Strategy, *, choose: Callable[[int, Sequence[int]], Sequence[int]],
+                 num_partitions: int,
                  malicious: Collection[int] = (), timeout: float = 600.0) -> None:
         super().__init__(strategy)
         self.choose, self.num_partitions = choose, num_partitions
@@ -130,8 +139,9 @@ class Sampled(StrategyWrapper):
         log(INFO, "\t├── clients per round: sampled by partition from the run's seed, of %d", self.num_partitions)
         self.strategy.summary()
 
-    def ask_roster(self, grid: Grid) -> dict[int, int]:
-        """Every connected node's partition (refused answers recorded as failures in round 0)."""
+    def ask_roster(self, grid: Grid, before_round: int = 1) -> dict[int, int]:
+        """Every connected node's partition; refused answers are recorded as failures of the
+        round before `before_round` (0; a resumed run asks again, after its last round)."""
         content = RecordDict({"config": ConfigRecord({})})
         messages = [Message(content=content, message_type=PARTITION_QUERY, dst_node_id=node)
                     for node in grid.get_node_ids()]
@@ -139,7 +149,7 @@ class Sampled(StrategyWrapper):
         for node, reason in refused:
             log(WARNING, "node %d refused: %s", node, reason)
             if hasattr(self.strategy, "record"):
-                self.strategy.record(0, node, "rejected", reason)
+                self.strategy.record(before_round - 1, node, "rejected", reason)
         partitions = getattr(self.strategy, "partitions", None)
         if isinstance(partitions, dict):  # the reply guard then holds each node to its answer
             partitions.update({node: p for p, node in roster.items()})
@@ -149,8 +159,8 @@ class Sampled(StrategyWrapper):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.roster is None:
-            self.roster = self.ask_roster(grid)
-        wanted = list(self.choose(server_round))
+            self.roster = self.ask_roster(grid, server_round)
+        wanted = list(self.choose(server_round, sorted(self.roster)))
         connected = set(grid.get_node_ids())
         reached = [p for p in wanted if self.roster.get(p) in connected]
         missed = sorted(set(wanted) - set(reached))
@@ -170,7 +180,7 @@ class Sampled(StrategyWrapper):
 
 
 def sample_plan(seed: int, num_clients: int, k: int, malicious: Collection[int],
-                attackers: int | None) -> Callable[[int], list[int]]:
-    """`choose` for `Sampled`: round -> `round_sample(...)` of that round."""
+                attackers: int | None) -> Callable[[int, Sequence[int]], list[int]]:
+    """`choose` for `Sampled`: (round, answered partitions) -> `round_sample(...)` of that round."""
     frozen = frozenset(malicious)
-    return lambda rnd: round_sample(seed, rnd, num_clients, k, frozen, attackers)
+    return lambda rnd, available: round_sample(seed, rnd, num_clients, k, frozen, attackers, available)

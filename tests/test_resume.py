@@ -77,7 +77,7 @@ def test_foolsgold_resumed_from_its_saved_state_aggregates_as_if_never_stopped()
 
 def test_kept_state_covers_the_wrappers_and_refuses_another_strategy_whole():
     rule = _foolsgold()
-    sampled = Sampled(rule, choose=lambda rnd: [0, 1], num_partitions=N)
+    sampled = Sampled(rule, choose=lambda rnd, available: [0, 1], num_partitions=N)
     sampled.participation = [{"round": 1, "partitions": [0, 1], "unreachable": [], "attackers": 0}]
     rule.failures.append({"round": 1, "node": 3, "partition": 2, "kind": "rejected", "reason": "x"})
     state = kept_state(sampled)
@@ -87,7 +87,7 @@ def test_kept_state_covers_the_wrappers_and_refuses_another_strategy_whole():
     with pytest.raises(ValueError, match="saved state is of"):
         restore_state(other, state)
     assert other.failures == []  # nothing was put back
-    again = Sampled(_foolsgold(), choose=lambda rnd: [0, 1], num_partitions=N)
+    again = Sampled(_foolsgold(), choose=lambda rnd, available: [0, 1], num_partitions=N)
     restore_state(again, state)
     assert again.participation == sampled.participation and again.failures == rule.failures
 
@@ -129,6 +129,11 @@ def test_resume_point_is_the_last_round_with_model_and_state(tmp_path):
     summary = RunDir(run.path).summary()
     assert summary["status"] == "running" and summary["resumed"] == [{"after_round": 2, "was": "interrupted"}]
     assert resumed.summary["final"]["round"] == 2
+
+
+def test_only_the_newest_strategy_state_is_kept_and_every_model(tmp_path):
+    run = _recorded_run(tmp_path, "interrupted", {1: True, 2: True, 3: True})
+    assert run.checkpoint_rounds() == [1, 2, 3] and run.resume_rounds() == [3]
 
 
 @pytest.mark.parametrize("status, saved, message", [
@@ -202,3 +207,21 @@ def test_a_run_killed_after_round_2_of_4_and_resumed_ends_as_the_uninterrupted_r
     no_node = lambda log: [{k: v for k, v in e.items() if k != "node"} for e in log]  # noqa: E731 - ids are per run
     assert no_node(sa["attack_log"]) == no_node(sb["attack_log"]) and sa["client_failures"] == sb["client_failures"] == []
     assert sb["post_defenses"]["flain"]["acc"] == pytest.approx(sa["post_defenses"]["flain"]["acc"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s["GuardedFoolsGold"].update(failures="not a list"), "failures is a str, expected a list"),
+    (lambda s: s["GuardedFoolsGold"].update(histories={"0": torch.zeros(3)}), "keys that are not partition ids"),
+    (lambda s: s["GuardedFoolsGold"].update(histories={0: torch.zeros(3), 1: torch.zeros(4)}), "different lengths"),
+    (lambda s: s["GuardedFoolsGold"].update(histories={0: torch.full((3,), float("nan"))}), "not finite vectors"),
+    (lambda s: s["GuardedFoolsGold"].update(attack_log=[1, 2]), "not records"),
+])
+def test_a_damaged_state_is_refused_whole(damage, message):
+    rule = _foolsgold()
+    _round(rule, 1, UPDATES[0])
+    state = kept_state(rule)
+    damage(state)
+    fresh = _foolsgold()
+    with pytest.raises(ValueError, match=message):
+        restore_state(fresh, state)
+    assert fresh.histories == {} and fresh.defense_log == []  # nothing was put back

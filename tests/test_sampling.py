@@ -138,7 +138,7 @@ def test_a_node_that_answers_one_partition_and_trains_as_another_is_refused():
     cfg = ExperimentConfig.defaults(num_clients=n, clients_per_round=n, attacker_schedule="fixed",
                                     attackers_per_round=2, mcr=0.34)
     rule = build_rule("fedavg", cfg)
-    sampled = Sampled(rule, choose=lambda rnd: list(range(n)), num_partitions=n)
+    sampled = Sampled(rule, choose=lambda rnd, available: list(range(n)), num_partitions=n)
     sent = list(sampled.configure_train(1, _state(0.0), ConfigRecord(), RosterGrid(n)))
     replies = [Message(content=RecordDict({"arrays": _state(1.0 if m.metadata.dst_node_id != 2 else 99.0),
                                            # node 2 answered partition 1, now claims partition 5
@@ -167,6 +167,27 @@ def test_unreachable_sample_is_recorded_and_a_round_below_min_clients_is_skipped
     assert sampled.failures[-1]["kind"] == "refused" and "round skipped" in sampled.failures[-1]["reason"]
 
 
+def test_a_partition_two_nodes_claim_leaves_the_draw_and_every_round_stays_full():
+    """Node 1 (partition 0) also claims partition 5: both leave the roster, and each round
+    draws its 5 clients from the 8 partitions that answered honestly (none is skipped)."""
+    n, k = 10, 5
+    cfg = ExperimentConfig.defaults(num_clients=n, clients_per_round=k)
+    sampled = Sampled(build_rule("fedavg", cfg), choose=sample_plan(4, n, k, (), None), num_partitions=n)
+    grid = RosterGrid(n, claims={0: 5})
+    for rnd in range(1, 21):
+        sent = list(sampled.configure_train(rnd, _state(0.0), ConfigRecord(), grid))
+        trained = sorted(m.metadata.dst_node_id - 1 for m in sent)
+        assert len(trained) == k and not {0, 5} & set(trained)
+        assert trained == round_sample(4, rnd, n, k, available=[1, 2, 3, 4, 6, 7, 8, 9])
+    assert {f["node"] for f in sampled.failures} == {1, 6}  # both claimants of partition 5, in round 0
+
+
+def test_with_fewer_answers_than_asked_the_fixed_schedule_takes_what_there_is():
+    got = round_sample(1, 1, 10, 4, {0, 1, 2}, attackers=2, available=[0, 5, 6, 7, 8])
+    assert len(got) == 4 and set(got) <= {0, 5, 6, 7, 8} and 0 in got  # the one attacker left, 3 benign
+    assert round_sample(1, 1, 10, 4, available=[2, 3]) == [2, 3]
+
+
 # ---- settings that count the round's clients -----------------------------------------
 def test_counts_follow_the_round_not_the_population():
     cfg = ExperimentConfig.defaults(num_clients=100, clients_per_round=10, mcr=0.2)
@@ -186,6 +207,7 @@ def test_counts_follow_the_round_not_the_population():
     ({"attackers_per_round": 2}, "needs attacker-schedule='fixed'"),
     ({"attacker_schedule": "fixed", "attackers_per_round": 5}, "5 attackers in each round of 10 clients"),
     ({"attacker_schedule": "fixed", "clients_per_round": 8, "attackers_per_round": 1}, "is not possible"),
+    ({"attacker_schedule": "fixed", "clients_per_round": 3, "attackers_per_round": 4}, "4 attackers in each round of 3"),
     ({"clients_per_round": 6, "aggregation": "bulyan", "krum_f": 1}, "needs clients per round >= 4*krum-f + 3"),
     ({"clients_per_round": 4, "aggregation": "rlr", "rlr_theta": 5}, "rlr-theta=5 is not allowed with 4 clients"),
     ({"clients_per_round": 4, "aggregation": "multikrum", "krum_f": 1, "multikrum_m": 5}, "multikrum-m=5"),

@@ -15,8 +15,12 @@ def test_certificate_hosts_add_the_given_ones_once_and_never_a_wildcard():
     assert certificate_hosts() == ("127.0.0.1", "localhost", "superlink")
     assert certificate_hosts("0.0.0.0", "10.0.0.5", "node.example.org", "10.0.0.5", "") == (
         "127.0.0.1", "localhost", "superlink", "10.0.0.5", "node.example.org")
-    with pytest.raises(ValueError, match="not a host name or IP address"):
+    with pytest.raises(ValueError, match="is not a host name"):
         certificate_hosts("evil host/../x")
+    for bad in ("bücher.example", "host:9090", "-dash.example"):  # not ASCII; a port; a label's edge
+        with pytest.raises(ValueError, match="is not a host name"):
+            certificate_hosts(bad)
+    assert certificate_hosts("::1")[-1] == "::1"  # an IPv6 address is one
 
 
 def test_the_certificate_names_exactly_those_hosts(tmp_path):
@@ -45,7 +49,12 @@ def test_compose_and_deploy_refuse_what_cannot_work(flain_cli, tmp_path):
     out = str(tmp_path / "dc.yml")
     cases = [(("compose", "--nodes", "2", "--first-partition", "1", "--out", out), "does not fit --num-partitions 2"),
              (("compose", "--superlink", "no-port", "--out", out), "is not HOST:PORT"),
-             (("deploy", "--san", "10.0.0.5", "--dry-run"), "it needs --tls")]
+             (("compose", "--nodes", "2", "--num-partitions", "4", "--out", out), "they need --superlink"),
+             (("compose", "--superlink", "h.example:9090", "--certs", str(tmp_path / "c"), "--out", out),
+              "does not trust"),
+             (("deploy", "--san", "10.0.0.5", "--dry-run"), "it needs --tls"),
+             (("deploy", "--superlink-host", "0.0.0.0", "--dry-run"), "it needs --tls"),
+             (("run", "--resume", str(tmp_path / "nowhere")), "is not a flain run directory")]
     for args, message in cases:
         proc = flain_cli(*args)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
