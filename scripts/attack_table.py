@@ -2,7 +2,7 @@
 (docs/defenses.md) from the run directories.
 
   .venv/bin/python scripts/attack_table.py [--dataset fmnist] [--runs runs] [--json docs/adaptive-attacks.json] [--readme docs/adaptive-attacks.md]
-  .venv/bin/python scripts/attack_table.py --rules [--train] [--runs runs/rules] [--json F] [--readme docs/defenses.md]
+  .venv/bin/python scripts/attack_table.py --rules [--train] [--runs docs/rules] [--json F] [--readme docs/defenses.md]
 
 `--rules`: each mid-training rule of RULES alone and with FLAIN / FLAIN-CV on its final model,
 in the SETTINGS (Fashion-MNIST default, Dirichlet non-IID, the scaling and the flain-aware
@@ -119,14 +119,16 @@ def rules_table(runs: Path) -> tuple[str, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fmnist", choices=sorted(NAMES))
-    p.add_argument("--runs", type=Path, default=None, help="default: runs (attacks), runs/rules (--rules)")
+    p.add_argument("--runs", type=Path, default=None,
+                   help="default: runs (attacks), docs/rules (--rules: the committed runs; git keeps their config, "
+                        "rounds and summary, and --train adds the missing ones there)")
     p.add_argument("--json", type=Path)
     p.add_argument("--readme", type=Path, help="replace the table between the attack-table (or rules-table) markers")
     p.add_argument("--rules", action="store_true", help="the robust-rule comparison instead of the attack table")
     p.add_argument("--train", action="store_true", help="with --rules: first train the missing runs")
     args = p.parse_args()
     if args.rules:
-        runs = args.runs or Path("runs/rules")
+        runs = args.runs or Path("docs/rules")
         if args.train:
             train_rules(runs)
         text, cells = rules_table(runs)
