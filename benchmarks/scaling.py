@@ -25,17 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.speed import flain_run  # noqa: E402
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended
-        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return tree
+from launch.superlink import descendants  # noqa: E402
 
 
 def _pss_kib(pid: int) -> int:
@@ -52,12 +42,8 @@ def _pss_kib(pid: int) -> int:
 
 def tree_memory_mib(root: int) -> tuple[float, int]:
     """(PSS of `root` and all its descendants in MiB, how many processes)."""
-    tree, stack, seen = _children(), [root], []
-    while stack:
-        pid = stack.pop()
-        seen.append(pid)
-        stack += tree.get(pid, [])
-    return sum(_pss_kib(p) for p in seen) / 1024, len(seen)
+    tree = [root, *descendants(root)]
+    return sum(_pss_kib(p) for p in tree) / 1024, len(tree)
 
 
 class PeakMemory:

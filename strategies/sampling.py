@@ -168,9 +168,10 @@ class Sampled(StrategyWrapper):
                                    "attackers": sum(p in self.malicious for p in reached)})
         log(INFO, "[flain] round %d trains partitions %s (%d attackers)%s", server_round, reached,
             self.participation[-1]["attackers"], f"; not reachable: {missed}" if missed else "")
-        if len(reached) < getattr(self.strategy, "min_train_nodes", 1):
+        least = getattr(self.strategy, "min_train_nodes", 1)
+        if len(reached) < least:
             reason = (f"only {len(reached)} of the {len(wanted)} sampled clients can be reached "
-                      f"(min-clients {getattr(self.strategy, 'min_train_nodes', 1)}): round skipped")
+                      f"(min-clients {least}): round skipped")
             log(WARNING, "round %d: %s", server_round, reason)
             if hasattr(self.strategy, "record"):
                 self.strategy.record(server_round, 0, "refused", reason)

@@ -27,6 +27,7 @@ def test_a_simulation_spreads_its_clients_over_two_ray_nodes(tmp_path):
     env = dict(os.environ, RAY_TMPDIR=temp)
     head = subprocess.Popen(_ray("start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard",
                                  "false", "--block"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -57,6 +58,6 @@ def test_a_simulation_spreads_its_clients_over_two_ray_nodes(tmp_path):
         assert all("ClientAppActor" in log.read_text() for log in logs), [log.name for log in logs]
     finally:
         _terminate(processes_with_env("RAY_TMPDIR", temp), grace=10)
-        for proc in (head, locals().get("worker")):
+        for proc in (head, worker):
             if proc is not None and proc.poll() is None:
                 proc.kill()
