@@ -215,13 +215,15 @@ class SuperLink:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {self.proc.returncode}; see {self.log_path}")
+                raise RuntimeError(f"flower-superlink exited with code {self.proc.returncode}; its log ends:\n"
+                                   f"{log_tail(self.log_path)}")
             try:
                 with socket.create_connection((self.dial, self.port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.3)
-        raise RuntimeError(f"flower-superlink did not open port {self.port} in {timeout:.0f}s; see {self.log_path}")
+        raise RuntimeError(f"flower-superlink did not open {self.dial}:{self.port} in {timeout:.0f}s; its log ends:\n"
+                           f"{log_tail(self.log_path)}")
 
     def stop(self) -> None:
         """Stop the SuperLink and every process of this run, also those that left the

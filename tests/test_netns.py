@@ -4,6 +4,7 @@ dials an address missing from the certificate is refused. Needs root (the namesp
 are created and removed here; the addresses exist only inside them)."""
 
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -20,8 +21,16 @@ from server.results import RunDir
 
 pytestmark = pytest.mark.slow
 
-NET = "10.231.77"  # a /24 that exists only inside the test's namespaces and its one root-side link
-LINK_IP, OTHER_IP, ROOT_IP = f"{NET}.1", f"{NET}.99", f"{NET}.2"  # OTHER_IP: the SuperLink's too, not in the certificate
+LINK, OTHER, ROOT = 1, 99, 2  # host numbers in the test's /24; OTHER: the SuperLink's too, not in the certificate
+
+
+def _unused_net() -> str:
+    """A 10.231.X /24 that no address or route of this host uses (a namespace left behind by a
+    killed run keeps its root-side link, and with it the route, until someone deletes it)."""
+    used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, timeout=30).stdout
+    used += subprocess.run(["ip", "route"], capture_output=True, text=True, timeout=30).stdout
+    free = [f"10.231.{x}" for x in range(256) if f"10.231.{x}." not in used]
+    return random.Random(uuid.uuid4().int).choice(free)
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
@@ -43,32 +52,34 @@ def _can_make_namespaces() -> str | None:
 
 @pytest.fixture
 def namespaces():
-    """(link namespace, [node namespaces]): a bridge in the link's, one veth to each node's and
-    one to the root namespace (so the flwr CLI here reaches the SuperLink). Removed afterwards."""
+    """(link namespace, [node namespaces], /24 prefix): a bridge in the link's, one veth to each
+    node's and one to the root namespace (so the flwr CLI here reaches the SuperLink). Removed
+    afterwards."""
     why = _can_make_namespaces()
     if why:
         pytest.skip(why)
     tag = uuid.uuid4().hex[:5]
     link, nodes = f"fl-link-{tag}", [f"fl-n{i}-{tag}" for i in range(2)]
     root_veth = f"flr{tag}"
+    net = _unused_net()
     try:
         for ns in (link, *nodes):
             _ip("netns", "add", ns)
             _ip("link", "set", "lo", "up", ns=ns)
         _ip("link", "add", "br0", "type", "bridge", ns=link)
-        _ip("addr", "add", f"{LINK_IP}/24", "dev", "br0", ns=link)
-        _ip("addr", "add", f"{OTHER_IP}/24", "dev", "br0", ns=link)
+        _ip("addr", "add", f"{net}.{LINK}/24", "dev", "br0", ns=link)
+        _ip("addr", "add", f"{net}.{OTHER}/24", "dev", "br0", ns=link)
         _ip("link", "set", "br0", "up", ns=link)
         _ip("link", "add", root_veth, "type", "veth", "peer", "name", "up0", "netns", link)
-        _ip("addr", "add", f"{ROOT_IP}/24", "dev", root_veth)
+        _ip("addr", "add", f"{net}.{ROOT}/24", "dev", root_veth)
         _ip("link", "set", root_veth, "up")
         _ip("link", "set", "up0", "master", "br0", "up", ns=link)
         for i, ns in enumerate(nodes):
             _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"up{i + 1}", "netns", link)
-            _ip("addr", "add", f"{NET}.{10 + i}/24", "dev", "eth0", ns=ns)
+            _ip("addr", "add", f"{net}.{10 + i}/24", "dev", "eth0", ns=ns)
             _ip("link", "set", "eth0", "up", ns=ns)
             _ip("link", "set", f"up{i + 1}", "master", "br0", "up", ns=link)
-        yield link, nodes
+        yield link, nodes, net
     finally:
         for ns in (link, *nodes):  # deleting a namespace deletes its end of each veth, and so the pair
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
@@ -76,9 +87,9 @@ def namespaces():
 
 
 def test_supernodes_in_other_namespaces_train_with_tls_and_a_wrong_address_is_refused(namespaces, tmp_path):
-    link_ns, node_ns = namespaces
+    link_ns, node_ns, net = namespaces
     in_ns = lambda ns: ["ip", "netns", "exec", ns]  # noqa: E731
-    with private_superlink(simulation=False, tls=True, host="0.0.0.0", dial=LINK_IP, wrap=in_ns(link_ns)) as link:
+    with private_superlink(simulation=False, tls=True, host="0.0.0.0", dial=f"{net}.{LINK}", wrap=in_ns(link_ns)) as link:
         port = link.port
         fed = Federation(link, nodes=2, tls=link.tls, wrap=lambda p: in_ns(node_ns[p]))
         intruder = None
@@ -92,14 +103,14 @@ def test_supernodes_in_other_namespaces_train_with_tls_and_a_wrong_address_is_re
             log = link.workdir / "wrong-address.log"
             with log.open("ab") as out:
                 intruder = subprocess.Popen(
-                    [*in_ns(node_ns[1]), *supernode_command(f"{OTHER_IP}:{port}", free_port(), 1, 2, link.tls.ca,
+                    [*in_ns(node_ns[1]), *supernode_command(f"{net}.{OTHER}:{port}", free_port(), 1, 2, link.tls.ca,
                                                             private)],
                     env=link.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 60
             while "CERTIFICATE_VERIFY_FAILED" not in log.read_text() and time.monotonic() < deadline:
                 time.sleep(1)
             text = log.read_text()
-            assert "CERTIFICATE_VERIFY_FAILED" in text and OTHER_IP in text, text[-2000:]
+            assert "CERTIFICATE_VERIFY_FAILED" in text and f"{net}.{OTHER}" in text, text[-2000:]
             online = [n for n in link.flwr("supernode", "list", CONNECTION)["nodes"] if n["status"] == "online"]
             assert len(online) == 2  # its key is registered, but it never got in
             stop_tree(intruder, grace=5)

@@ -3,6 +3,7 @@
 RAY_ADDRESS joins the cluster and places one ClientApp actor on each node (docs/deployment.md)."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,18 @@ pytestmark = pytest.mark.slow
 
 def _ray(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "ray"), *args]
+
+
+def _actor_nodes(logs: Path, actor: str) -> list[str]:
+    """The Ray node of each worker that ran `actor`: a worker's stdout log names its actor, and
+    its core-worker log names its node."""
+    nodes = []
+    for out in logs.glob("worker-*.out"):
+        if f":actor_name:{actor}" in out.read_text():
+            worker_id = out.name.split("-")[1]
+            core = next(logs.glob(f"python-core-worker-{worker_id}_*.log")).read_text()
+            nodes.append(re.search(r"node_id=([0-9a-f]+)", core).group(1))
+    return sorted(nodes)
 
 
 def test_a_simulation_spreads_its_clients_over_two_ray_nodes(tmp_path):
@@ -52,10 +65,8 @@ def test_a_simulation_spreads_its_clients_over_two_ray_nodes(tmp_path):
             cwd=SOURCE_ROOT, capture_output=True, text=True, timeout=900,
             env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}"))
         assert proc.returncode == 0, proc.stderr[-3000:]
-        # each node's raylet lists the workers it started: a ClientApp actor on both
-        logs = sorted((Path(temp) / "ray" / "session_latest" / "logs").glob("raylet*.out"))
-        assert len(logs) == 2
-        assert all("ClientAppActor" in log.read_text() for log in logs), [log.name for log in logs]
+        nodes = _actor_nodes(Path(temp) / "ray" / "session_latest" / "logs", "ClientAppActor")
+        assert len(nodes) == 2 and len(set(nodes)) == 2, nodes  # one ClientApp actor on each node
     finally:
         _terminate(processes_with_env("RAY_TMPDIR", temp), grace=10)
         for proc in (head, worker):
