@@ -94,6 +94,9 @@ class ExperimentConfig:
     flain_cv_scores: str = "crossfit"
     flain_cv_select: str = "last-within"
     flain_cv_accuracy: str = "soft"
+    flain_subspace_tol: float = 0.02
+    flain_subspace_folds: int = 5
+    flain_subspace_augment: str = "shift-mirror"
     fedpruning_rate: float = 0.0
     fedpruning_extreme: float = 3.0
     fedpruning_finetune_rounds: int = 0
@@ -238,6 +241,8 @@ class ExperimentConfig:
         unit_interval("flain-rho", self.flain_rho, low_open=True)
         unit_interval("flain-cv-tol", self.flain_cv_tol, low_open=True)
         at_least("flain-cv-folds", self.flain_cv_folds, 2)
+        unit_interval("flain-subspace-tol", self.flain_subspace_tol, low_open=True)
+        at_least("flain-subspace-folds", self.flain_subspace_folds, 2)
         if self.aux_size < 0:
             raise ConfigError(f"aux-size={self.aux_size} is not allowed: 0 (the paper's size) or a positive count")
         if not 0 < self.neurotoxin_topk < 1:

@@ -6,6 +6,7 @@ from strategies.post_training.base import PostTrainingDefense, PostTrainingInput
 from strategies.post_training.fedpruning import FedPruning
 from strategies.post_training.flain import Flain
 from strategies.post_training.flain_cv import ACCURACIES, SCORES, SELECTS, FlainCV
+from strategies.post_training.flain_subspace import AUGMENTS, FlainSubspace
 from strategies.post_training.pruning import Pruning
 
 # name -> the defense's class: `.from_config(cfg)` builds it; it also says its display name,
@@ -13,6 +14,7 @@ from strategies.post_training.pruning import Pruning
 POST_DEFENSES: dict[str, type[PostTrainingDefense]] = {
     "flain": Flain,
     "flain-cv": FlainCV,
+    "flain-subspace": FlainSubspace,
     "pruning": Pruning,
     "fedpruning": FedPruning,
 }
@@ -25,6 +27,7 @@ def check(cfg: ExperimentConfig) -> None:
     choice("flain-cv-scores", cfg.flain_cv_scores, SCORES)
     choice("flain-cv-select", cfg.flain_cv_select, SELECTS)
     choice("flain-cv-accuracy", cfg.flain_cv_accuracy, ACCURACIES)
+    choice("flain-subspace-augment", cfg.flain_subspace_augment, AUGMENTS)
 
 
 __all__ = ["POST_DEFENSES", "PostTrainingDefense", "PostTrainingInput", "check"]

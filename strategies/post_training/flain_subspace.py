@@ -1,0 +1,214 @@
+"""FLAIN's flip in the eigenbasis of the clean features (`post-defenses=flain-subspace`).
+
+FLAIN (Ding et al., Algorithm 1) flips the update dW = W - W0 of layer tau on the input
+columns whose mean activation on clean data is low: a backdoor must be read through what the
+clean data leaves quiet. An attacker who knows it (attacks/flain_aware.py) leaves those columns
+untouched and reads the trigger through inputs that are active on clean data, and FLAIN then
+flips only benign updates (ASR stays at 0.85, docs/adaptive-attacks.md). The trigger still moves
+tau's input in a *direction* that clean data does not take, even where every coordinate it uses
+is active: quiet is a property of directions, not only of coordinates. So this defense applies
+FLAIN's flip in the basis of the clean features' principal directions instead of the input
+coordinates (the reasoning and the measurements: docs/heal-study.md):
+
+  1. Features: tau's input for every aux image and, because 200 images span at most 200 of
+     tau's directions, for copies of them shifted by up to `shift` pixels and mirrored
+     (`flain-subspace-augment`); the right singular vectors V of that matrix, by decreasing
+     singular value, are the clean directions, their squared singular values their energy.
+  2. Keep the update along the k most energetic directions, flip it along all the others
+     (the rest of the clean span and everything the clean data never reaches):
+         W* = W0 + dW P_k - dW (I - P_k),   P_k = V_k^T V_k.
+  3. k by cross-fitting, as FLAIN-CV chooses its count: the aux set in label-stratified
+     folds; for each, the directions from the other folds (augmented) and the soft accuracy
+     (mean true-class probability) of the flipped model on the held-out images. Scanning from
+     no flip towards more flipping (the residual clean energy eps left out of P_k grows), the
+     last eps whose cross-fitted drop stays within `flain-subspace-tol`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from experiment import seeds
+from experiment.config import ExperimentConfig
+from strategies.post_training.base import PostTrainingInput
+from strategies.post_training.flain_cv import stratified_folds
+from strategies.post_training.flip_path import accuracy
+from strategies.post_training.tau import TauNotUsable, TauView, tau_inputs
+
+AUGMENTS = ("shift-mirror", "none")
+# residual clean energy left out of the kept directions, the scan after "no flip" and eps = 0
+EPSILONS = np.concatenate([[0.0], np.geomspace(1e-6, 0.5, 40)])
+
+
+# ---- pure pieces -------------------------------------------------------------------
+def augment(images: torch.Tensor, shift: int) -> torch.Tensor:
+    """The images, their copies rolled by (dy, dx) for dx in +-1..shift, dy in {-shift, 0,
+    shift}, and their mirror images (N x C x H x W in, (2 + 6 shift) N out; shift 0, or inputs
+    that are not images: those alone)."""
+    if shift <= 0 or images.dim() < 3:
+        return images
+    copies = [images]
+    for dx in [d for d in range(-shift, shift + 1) if d != 0]:
+        for dy in (-shift, 0, shift):
+            copies.append(torch.roll(images, shifts=(dy, dx), dims=(-2, -1)))
+    copies.append(torch.flip(images, dims=(-1,)))
+    return torch.cat(copies)
+
+
+def clean_basis(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, energy): the right singular vectors of `features` (N x z) as rows, by decreasing
+    singular value, and their energies (squared singular values); directions whose singular
+    value is below 1e-6 of the largest are dropped (they are numerical noise)."""
+    phi = features.double()
+    gram = phi @ phi.T  # N x N: cheaper than z x z when N < z, the same non-zero spectrum
+    energy, u = torch.linalg.eigh(gram)
+    order = torch.argsort(energy, descending=True)
+    energy, u = energy[order].clamp_min(0), u[:, order]
+    keep = energy.sqrt() > 1e-6 * energy[0].sqrt()
+    energy, u = energy[keep], u[:, keep]
+    v = (u.T @ phi) / energy.sqrt().unsqueeze(1)
+    return v, energy
+
+
+def kept_directions(energy: torch.Tensor, eps: float) -> int:
+    """The fewest leading directions whose energy leaves at most the share `eps` of the total
+    out (all of them for eps = 0)."""
+    left_out = 1.0 - torch.cumsum(energy, 0) / energy.sum()  # after keeping 1, 2, ... directions
+    return min(int((left_out > eps).sum().item()) + 1, len(energy)) if eps > 0 else len(energy)
+
+
+def subspace_flip(w0: torch.Tensor, w: torch.Tensor, basis: torch.Tensor, k: int) -> torch.Tensor:
+    """W0 + dW P_k - dW (I - P_k), P_k the projector on the first k rows of `basis`."""
+    dw = (w - w0).double()
+    vk = basis[:k].to(dw)
+    kept = (dw @ vk.T) @ vk
+    return (w0.double() - dw + 2 * kept).to(w.dtype)
+
+
+def select_eps(drops: np.ndarray, tol: float) -> int:
+    """Index into [no flip, *EPSILONS]: scanning towards more flipping, the last candidate whose
+    drop stays within `tol` before the first that exceeds it (0: nothing is flipped)."""
+    for i in range(1, len(drops)):
+        if drops[i] > tol:
+            return i - 1
+    return len(drops) - 1
+
+
+@dataclass(frozen=True)
+class FlainSubspace:
+    """Post-training defense: FLAIN's flip along the clean features' low-energy directions,
+    the amount chosen by cross-fitting on the aux set."""
+
+    display_name: ClassVar[str] = "FLAIN-Subspace"
+    needs_clients: ClassVar[bool] = False
+    needs_split: ClassVar[bool] = True  # it scores aux subsets after tau: the model must split there
+
+    tol: float = ExperimentConfig.flain_subspace_tol
+    folds: int = ExperimentConfig.flain_subspace_folds
+    augment: str = ExperimentConfig.flain_subspace_augment
+    layer: str = ExperimentConfig.flain_layer
+    seed: int = 0
+    shift: ClassVar[int] = 2  # pixels, for augment=shift-mirror
+
+    @staticmethod
+    def note(result: dict[str, Any]) -> str:
+        if result["kept_directions"] is None:
+            return "nothing flipped (every flip costs more than the tolerance)"
+        return (f"kept {result['kept_directions']}/{result['directions']} clean directions "
+                f"(eps={result['eps']:.2g}, cross-fitted aux drop {result['estimated_drop']:.4f})")
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> FlainSubspace:
+        return cls(tol=cfg.flain_subspace_tol, folds=cfg.flain_subspace_folds, augment=cfg.flain_subspace_augment,
+                   layer=cfg.flain_layer, seed=cfg.seed)
+
+    @torch.no_grad()
+    def _features(self, tau: TauView, images: torch.Tensor) -> torch.Tensor:
+        shift = self.shift if self.augment == "shift-mirror" else 0
+        return tau_inputs(_Body(tau), augment(images, shift))
+
+    def drop_curve(self, tau: TauView, w0: torch.Tensor, images: torch.Tensor) -> tuple[float, np.ndarray]:
+        """(acc0, cross-fitted soft-accuracy drop of [no flip, *EPSILONS])."""
+        if tau.rest is None:
+            raise TauNotUsable(f"flain-subspace scores subsets of the aux set after layer {tau.name!r}, which needs a "
+                               "model whose output is a function of tau's output (torch.fx-traceable, no skip around "
+                               "tau)")
+        labels = tau.labels
+        fold = stratified_folds(labels.cpu().numpy(), self.folds, seeds.rng(self.seed, "aux-folds"))
+        dw = (tau.weight - w0).double()
+        bias = tau.bias.detach().double() if tau.bias is not None else 0.0
+        totals = np.zeros(len(EPSILONS) + 1)
+        for f in range(self.folds):
+            train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+            basis, energy = clean_basis(self._features(tau, images[torch.as_tensor(train)]))
+            phi = tau.features[torch.as_tensor(held, device=tau.features.device)].double()
+            a, b = dw @ basis.T, basis @ phi.T  # out x r, r x m
+            flipped = (w0.double() - dw) @ phi.T  # every direction flipped
+            ks = [None] + [kept_directions(energy, e) for e in EPSILONS]
+            for i, k in enumerate(ks):
+                pre = tau.weight.double() @ phi.T if k is None else flipped + 2 * a[:, :k] @ b[:k]
+                with torch.no_grad():
+                    logits = tau.rest((pre + (bias.unsqueeze(1) if torch.is_tensor(bias) else 0)).T.float())
+                totals[i] += accuracy(logits, labels[torch.as_tensor(held, device=labels.device)], False, True) * len(held)
+        acc = totals / len(labels)
+        return float(acc[0]), acc[0] - acc
+
+    def apply(self, inp: PostTrainingInput) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        started = time.perf_counter()
+        tau = TauView.of(inp.model, self.layer, inp.aux_images, inp.aux_labels)
+        images = inp.aux_images.to(tau.features.device)
+        w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
+        acc_before = tau.evaluate(tau.weight)
+        _, drops = self.drop_curve(tau, w0, images)
+        i = select_eps(drops, self.tol)
+        basis, energy = clean_basis(self._features(tau, images))
+        k = None if i == 0 else kept_directions(energy, float(EPSILONS[i - 1]))
+        weight = tau.weight.clone() if k is None else subspace_flip(w0, tau.weight, basis, k)
+        state, aux_acc_after = tau.state_with(weight)
+        return state, {
+            "layer": tau.name,
+            "kept_directions": k,
+            "directions": int(len(energy)),
+            "inputs": int(tau.weight.shape[1]),
+            "eps": None if k is None else float(EPSILONS[i - 1]),
+            "estimated_drop": float(drops[i]),
+            "drop_curve": {"eps": [None, *map(float, EPSILONS)], "drop": [float(d) for d in drops]},
+            "aux_acc_before": acc_before,
+            "aux_acc_after": aux_acc_after,
+            "rule": {"tol": self.tol, "folds": self.folds, "augment": self.augment},
+            "search_seconds": time.perf_counter() - started,
+        }
+
+
+class _Body(torch.nn.Module):
+    """The model up to tau's input (a forward pre-hook that stops there)."""
+
+    def __init__(self, tau: TauView) -> None:
+        super().__init__()
+        self.model = tau.model
+        self.layer = tau.model.get_submodule(tau.name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+
+        def stop(_m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen.append(args[0].detach())
+            raise _Reached
+
+        hook = self.layer.register_forward_pre_hook(stop)
+        try:
+            self.model(x)
+        except _Reached:
+            pass
+        finally:
+            hook.remove()
+        return seen[0]
+
+
+class _Reached(Exception):
+    pass

@@ -1,0 +1,120 @@
+"""flain-subspace: FLAIN's flip in the eigenbasis of the clean features, checked against
+independent oracles (FLAIN's own column flip, numpy's SVD, hand-computed values) and on a
+planted backdoor that rides on inputs every clean example lights."""
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from strategies.post_training import PostTrainingInput
+from strategies.post_training.flain import Flain, flip_updates
+from strategies.post_training.flain_subspace import (FlainSubspace, augment, clean_basis, kept_directions,
+                                                     select_eps, subspace_flip)
+
+
+def test_in_the_coordinate_basis_it_is_flains_column_flip():
+    g = torch.Generator().manual_seed(1)
+    w0, w = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    order = torch.randperm(9, generator=g)
+    basis = torch.eye(9, dtype=torch.float64)[order]  # directions = input coordinates in this order
+    for k in (0, 1, 4, 9):
+        mask = np.ones(9, dtype=bool)
+        mask[order[:k].numpy()] = False  # the k kept coordinates are not flipped, all others are
+        assert torch.allclose(subspace_flip(w0, w, basis, k), flip_updates(w0, w, mask), atol=1e-6), k
+
+
+def test_clean_basis_is_the_svd_of_the_features():
+    g = np.random.default_rng(2)
+    feats = g.normal(size=(12, 40)) @ np.diag(np.linspace(3, 0.1, 40))
+    v, energy = clean_basis(torch.as_tensor(feats))
+    _, s, vt = np.linalg.svd(feats, full_matrices=False)
+    np.testing.assert_allclose(energy.numpy(), s**2, rtol=1e-8)
+    for k in (1, 5, 12):  # the same subspaces (vectors may differ in sign)
+        np.testing.assert_allclose(v[:k].numpy().T @ v[:k].numpy(), vt[:k].T @ vt[:k], atol=1e-8)
+    low_rank = feats[:3].copy()
+    low_rank = np.concatenate([low_rank, low_rank[:1] * 2 + low_rank[1:2]])  # 4 rows, rank 3
+    assert len(clean_basis(torch.as_tensor(low_rank))[1]) == 3
+
+
+def test_kept_directions_by_hand():
+    energy = torch.tensor([6.0, 3.0, 1.0], dtype=torch.float64)  # left out after 1, 2, 3: 0.4, 0.1, 0
+    assert [kept_directions(energy, e) for e in (0.0, 0.05, 0.1, 0.2, 0.4, 0.5)] == [3, 3, 2, 2, 1, 1]
+
+
+def test_select_eps_returns_the_last_candidate_within_tolerance():
+    assert select_eps(np.array([0.0, 0.001, 0.01, 0.03, 0.005]), 0.02) == 2  # never past the first beyond
+    assert select_eps(np.array([0.0, 0.001, 0.01]), 0.02) == 2
+    assert select_eps(np.array([0.0, 0.05, 0.0]), 0.02) == 0  # nothing is flipped
+
+
+def test_augment_rolls_and_mirrors():
+    img = torch.arange(16.0).reshape(1, 1, 4, 4)
+    out = augment(img, 1)
+    assert out.shape == (8, 1, 4, 4)
+    assert torch.equal(out[0], img[0])
+    assert torch.equal(out[1, 0, 0], torch.tensor([5.0, 6.0, 7.0, 4.0]))  # dx=-1, dy=-1: row 1, rotated left
+    assert torch.equal(out[-1, 0, 0], torch.tensor([3.0, 2.0, 1.0, 0.0]))
+    assert augment(img, 0) is img
+    flat = torch.rand(5, 7)
+    assert augment(flat, 2) is flat  # not images
+
+
+def _planted(g: torch.Generator):
+    """Clean class c = a * p_c (+ small noise) with every input lit; the trigger adds a
+    direction d orthogonal to p_0 and p_1 on the same inputs: nothing quiet to flip."""
+    z = 20
+    p = 0.5 + torch.rand(2, z, generator=g)
+    d = torch.randn(z, generator=g)
+    d -= torch.linalg.lstsq(p.T, d.unsqueeze(1)).solution.squeeze(1) @ p  # orthogonal to p_0 and p_1
+    d /= d.norm()
+
+    def sample(n: int, triggered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.zeros(n, dtype=torch.long) if triggered else torch.arange(n) % 2
+        a = 0.5 + torch.rand(n, 1, generator=g)
+        x = a * p[labels] + 0.02 * torch.randn(n, z, generator=g)
+        if triggered:
+            x += 1.5 * d
+            labels = torch.ones(n, dtype=torch.long)
+        return x, labels
+
+    return sample
+
+
+def _rates(model: nn.Module, sample) -> tuple[float, float]:
+    clean_x, clean_y = sample(400, False)
+    bad_x, _ = sample(200, True)
+    with torch.no_grad():
+        return ((model(clean_x).argmax(1) == clean_y).float().mean().item(),
+                (model(bad_x).argmax(1) == 1).float().mean().item())
+
+
+def test_a_backdoor_on_active_inputs_is_removed_where_flain_leaves_it():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    sample = _planted(g)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(20, 8), relu=nn.ReLU(), fc2=nn.Linear(8, 2)))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = (torch.cat(t) for t in zip(sample(400, False), sample(120, True)))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    acc0, asr0 = _rates(model, sample)
+    assert acc0 > 0.95 and asr0 > 0.95  # the backdoor is in
+    aux_x, aux_y = sample(200, False)
+    inp = PostTrainingInput(model=model, initial_state=initial, aux_images=aux_x, aux_labels=aux_y)
+
+    state, info = FlainSubspace(augment="none", seed=0).apply(inp)
+    defended = nn.Sequential(OrderedDict(fc1=nn.Linear(20, 8), relu=nn.ReLU(), fc2=nn.Linear(8, 2)))
+    defended.load_state_dict(state)
+    acc, asr = _rates(defended.eval(), sample)
+    assert asr < 0.05 and acc > acc0 - 0.02, (acc, asr, info["kept_directions"])
+    assert info["kept_directions"] is not None and info["kept_directions"] < info["directions"]
+
+    flain_state, _ = Flain().apply(inp)  # the coordinate version finds no quiet input to flip
+    defended.load_state_dict(flain_state)
+    assert _rates(defended.eval(), sample)[1] > 0.5
