@@ -132,29 +132,31 @@ class FlainSubspace:
         shift = self.shift if self.augment == "shift-mirror" else 0
         return tau_inputs(_Body(tau), augment(images, shift))
 
-    def drop_curve(self, tau: TauView, w0: torch.Tensor, images: torch.Tensor) -> tuple[float, np.ndarray]:
-        """(acc0, cross-fitted soft-accuracy drop of [no flip, *EPSILONS])."""
+    def drop_curve(self, tau: TauView, w0: torch.Tensor, augmented: torch.Tensor) -> tuple[float, np.ndarray]:
+        """(acc0, cross-fitted soft-accuracy drop of [no flip, *EPSILONS]); `augmented`: tau's
+        inputs for the augmented aux set, copy after copy of the N aux images (row j is a copy
+        of image j mod N), so each fold's directions come from the other folds' copies."""
         if tau.rest is None:
             raise TauNotUsable(f"flain-subspace scores subsets of the aux set after layer {tau.name!r}, which needs a "
                                "model whose output is a function of tau's output (torch.fx-traceable, no skip around "
                                "tau)")
         labels = tau.labels
         fold = stratified_folds(labels.cpu().numpy(), self.folds, seeds.rng(self.seed, "aux-folds"))
+        source_fold = torch.as_tensor(np.tile(fold, len(augmented) // len(fold)), device=augmented.device)
         dw = (tau.weight - w0).double()
-        bias = tau.bias.detach().double() if tau.bias is not None else 0.0
+        bias = tau.bias.detach().double().unsqueeze(1) if tau.bias is not None else 0.0
         totals = np.zeros(len(EPSILONS) + 1)
         for f in range(self.folds):
-            train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            basis, energy = clean_basis(self._features(tau, images[torch.as_tensor(train)]))
-            phi = tau.features[torch.as_tensor(held, device=tau.features.device)].double()
+            held = torch.as_tensor(np.flatnonzero(fold == f), device=labels.device)
+            basis, energy = clean_basis(augmented[source_fold != f])
+            phi = tau.features[held.to(tau.features.device)].double()
             a, b = dw @ basis.T, basis @ phi.T  # out x r, r x m
             flipped = (w0.double() - dw) @ phi.T  # every direction flipped
-            ks = [None] + [kept_directions(energy, e) for e in EPSILONS]
-            for i, k in enumerate(ks):
+            for i, k in enumerate([None] + [kept_directions(energy, e) for e in EPSILONS]):
                 pre = tau.weight.double() @ phi.T if k is None else flipped + 2 * a[:, :k] @ b[:k]
                 with torch.no_grad():
-                    logits = tau.rest((pre + (bias.unsqueeze(1) if torch.is_tensor(bias) else 0)).T.float())
-                totals[i] += accuracy(logits, labels[torch.as_tensor(held, device=labels.device)], False, True) * len(held)
+                    logits = tau.rest((pre + bias).T.float())
+                totals[i] += accuracy(logits, labels[held], False, True) * len(held)
         acc = totals / len(labels)
         return float(acc[0]), acc[0] - acc
 
@@ -164,9 +166,10 @@ class FlainSubspace:
         images = inp.aux_images.to(tau.features.device)
         w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
         acc_before = tau.evaluate(tau.weight)
-        _, drops = self.drop_curve(tau, w0, images)
+        augmented = self._features(tau, images)
+        _, drops = self.drop_curve(tau, w0, augmented)
         i = select_eps(drops, self.tol)
-        basis, energy = clean_basis(self._features(tau, images))
+        basis, energy = clean_basis(augmented)
         k = None if i == 0 else kept_directions(energy, float(EPSILONS[i - 1]))
         weight = tau.weight.clone() if k is None else subspace_flip(w0, tau.weight, basis, k)
         state, aux_acc_after = tau.state_with(weight)
