@@ -36,9 +36,9 @@ import torch
 from experiment import seeds
 from experiment.config import ExperimentConfig
 from strategies.post_training.base import PostTrainingInput
-from strategies.post_training.flain_cv import stratified_folds
+from strategies.post_training.flain_cv import select_count, stratified_folds
 from strategies.post_training.flip_path import accuracy
-from strategies.post_training.tau import TauNotUsable, TauView, tau_inputs
+from strategies.post_training.tau import TauNotUsable, TauView, tau_features
 
 AUGMENTS = ("shift-mirror", "none")
 # residual clean energy left out of the kept directions, the scan after "no flip" and eps = 0
@@ -91,12 +91,9 @@ def subspace_flip(w0: torch.Tensor, w: torch.Tensor, basis: torch.Tensor, k: int
 
 
 def select_eps(drops: np.ndarray, tol: float) -> int:
-    """Index into [no flip, *EPSILONS]: scanning towards more flipping, the last candidate whose
-    drop stays within `tol` before the first that exceeds it (0: nothing is flipped)."""
-    for i in range(1, len(drops)):
-        if drops[i] > tol:
-            return i - 1
-    return len(drops) - 1
+    """Index into [no flip, *EPSILONS]: FLAIN-CV's last-within rule on this scan (0: nothing
+    is flipped)."""
+    return select_count(np.arange(len(drops)), drops, tol, "last-within")
 
 
 @dataclass(frozen=True)
@@ -130,7 +127,7 @@ class FlainSubspace:
     @torch.no_grad()
     def _features(self, tau: TauView, images: torch.Tensor) -> torch.Tensor:
         shift = self.shift if self.augment == "shift-mirror" else 0
-        return tau_inputs(_Body(tau), augment(images, shift))
+        return tau_features(tau.model, tau.model.get_submodule(tau.name), tau.name, augment(images, shift))
 
     def drop_curve(self, tau: TauView, w0: torch.Tensor, augmented: torch.Tensor) -> tuple[float, np.ndarray]:
         """(acc0, cross-fitted soft-accuracy drop of [no flip, *EPSILONS]); `augmented`: tau's
@@ -186,32 +183,3 @@ class FlainSubspace:
             "rule": {"tol": self.tol, "folds": self.folds, "augment": self.augment},
             "search_seconds": time.perf_counter() - started,
         }
-
-
-class _Body(torch.nn.Module):
-    """The model up to tau's input (a forward pre-hook that stops there)."""
-
-    def __init__(self, tau: TauView) -> None:
-        super().__init__()
-        self.model = tau.model
-        self.layer = tau.model.get_submodule(tau.name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seen: list[torch.Tensor] = []
-
-        def stop(_m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            seen.append(args[0].detach())
-            raise _Reached
-
-        hook = self.layer.register_forward_pre_hook(stop)
-        try:
-            self.model(x)
-        except _Reached:
-            pass
-        finally:
-            hook.remove()
-        return seen[0]
-
-
-class _Reached(Exception):
-    pass

@@ -80,7 +80,7 @@ def rest_after(model: nn.Module, name: str) -> nn.Module | None:
 
 
 @torch.no_grad()
-def _features(model: nn.Module, tau: nn.Linear, name: str, images: torch.Tensor) -> torch.Tensor:
+def tau_features(model: nn.Module, tau: nn.Linear, name: str, images: torch.Tensor) -> torch.Tensor:
     """tau's inputs for every image (a forward pre-hook on tau), N x in."""
     seen: list[torch.Tensor] = []
     hook = tau.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
@@ -132,7 +132,7 @@ class TauView:
         tau: nn.Linear = model.get_submodule(name)  # type: ignore[assignment]
         device = next(model.parameters()).device
         images, labels = aux_images.to(device), aux_labels.to(device)
-        features = _features(model, tau, name, images)
+        features = tau_features(model, tau, name, images)
         rest = rest_after(model, name)
         if rest is not None:
             with torch.no_grad():  # the split must reproduce the model (else: the whole model)
