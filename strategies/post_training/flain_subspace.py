@@ -8,7 +8,12 @@ flips only benign updates (ASR stays at 0.85, docs/adaptive-attacks.md). The tri
 tau's input in a *direction* that clean data does not take, even where every coordinate it uses
 is active: quiet is a property of directions, not only of coordinates. So this defense applies
 FLAIN's flip in the basis of the clean features' principal directions instead of the input
-coordinates (the reasoning and the measurements: docs/heal-study.md):
+coordinates (the reasoning and the measurements: docs/flain-subspace-study.md). The basis of a
+layer's input space from the SVD of its inputs, cut where the left-out energy passes a
+threshold, is Gradient Projection Memory's (Saha, Garg and Roy, ICLR 2021), which keeps new
+updates out of the directions old tasks use; here the update is kept *in* the directions the
+clean task uses and flipped elsewhere. That the backdoor lives in capacity the clean data do
+not use is Fine-Pruning's premise (Liu, Dolan-Gavitt and Garg, RAID 2018) and FLAIN's:
 
   1. Features: tau's input for every aux image and, because 200 images span at most 200 of
      tau's directions, for copies of them shifted by up to `shift` pixels and mirrored
