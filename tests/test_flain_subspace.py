@@ -118,3 +118,53 @@ def test_a_backdoor_on_active_inputs_is_removed_where_flain_leaves_it():
     flain_state, _ = Flain().apply(inp)  # the coordinate version finds no quiet input to flip
     defended.load_state_dict(flain_state)
     assert _rates(defended.eval(), sample)[1] > 0.5
+
+
+def test_drop_curve_is_the_naive_cross_fitting():
+    """Every fold, every eps: the directions from the other folds' copies, the flipped weight
+    put into the whole model, the held-out images' mean true-class probability; restated
+    with numpy's SVD and full forward passes."""
+    from experiment import seeds
+    from strategies.post_training.flain_cv import stratified_folds
+    from strategies.post_training.flain_subspace import EPSILONS
+    from strategies.post_training.tau import TauView
+
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(30, 6), relu=nn.ReLU(), fc2=nn.Linear(6, 3)))
+    w0 = model.fc1.weight.detach().clone() + 0.3 * torch.randn(6, 30, generator=g)
+    x = torch.randn(24, 30, generator=g) @ torch.diag(torch.linspace(2, 0.05, 30))
+    y = torch.arange(24) % 3
+    copies = torch.cat([x, x + 0.1 * torch.randn(24, 30, generator=g)])  # row j: a copy of image j % 24
+    tau = TauView.of(model, "fc1", x, y)
+    acc0, drops = FlainSubspace(folds=3, seed=7).drop_curve(tau, w0, copies)
+
+    fold = stratified_folds(y.numpy(), 3, seeds.rng(7, "aux-folds"))
+    w = model.fc1.weight.detach().double().numpy()
+    x, copies, w0 = x.double(), copies.double(), w0.double()
+    totals = np.zeros(len(EPSILONS) + 1)
+    for f in range(3):
+        train = copies.numpy()[np.tile(fold, 2) != f]
+        _, s, vt = np.linalg.svd(train, full_matrices=False)
+        energy = s**2
+        held = np.flatnonzero(fold == f)
+        for i, eps in enumerate([None, *EPSILONS]):
+            if eps is None:
+                weight = w
+            else:
+                left = 1 - np.cumsum(energy) / energy.sum()
+                k = len(energy) if eps == 0 else min(int((left > eps).sum()) + 1, len(energy))
+                dw = w - w0.numpy()
+                p = vt[:k].T @ vt[:k]
+                weight = w0.numpy() + dw @ p - dw @ (np.eye(30) - p)
+            probe = nn.Sequential(OrderedDict(fc1=nn.Linear(30, 6), relu=nn.ReLU(), fc2=nn.Linear(6, 3)))
+            probe.load_state_dict(model.state_dict())
+            probe.double()
+            with torch.no_grad():
+                probe.fc1.weight.copy_(torch.as_tensor(weight))
+                prob = torch.softmax(probe(x[held]), 1)[torch.arange(len(held)), y[held]]
+            totals[i] += prob.sum().item()
+    expected = totals / 24
+    assert abs(acc0 - expected[0]) < 1e-5
+    assert np.ptp(expected) > 0.01  # the flips change the held-out accuracy: the comparison means something
+    np.testing.assert_allclose(drops, expected[0] - expected, atol=1e-5)
