@@ -65,19 +65,24 @@ def augment(images: torch.Tensor, shift: int) -> torch.Tensor:
     return torch.cat(copies)
 
 
-def clean_basis(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(V, energy): the right singular vectors of `features` (N x z) as rows, by decreasing
-    singular value, and their energies (squared singular values); directions whose singular
-    value is below 1e-6 of the largest are dropped (they are numerical noise)."""
-    phi = features.double()
-    gram = phi @ phi.T  # N x N: cheaper than z x z when N < z, the same non-zero spectrum
-    energy, u = torch.linalg.eigh(gram)
+def spectrum(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, energy) of a Gram matrix F F^T: its eigenvectors as columns and eigenvalues, by
+    decreasing eigenvalue; those whose square root is below 1e-6 of the largest's are dropped
+    (numerical noise). The right singular vectors of F are then U^T F / sqrt(energy)."""
+    energy, u = torch.linalg.eigh(gram.double())
     order = torch.argsort(energy, descending=True)
     energy, u = energy[order].clamp_min(0), u[:, order]
     keep = energy.sqrt() > 1e-6 * energy[0].sqrt()
-    energy, u = energy[keep], u[:, keep]
-    v = (u.T @ phi) / energy.sqrt().unsqueeze(1)
-    return v, energy
+    return u[:, keep], energy[keep]
+
+
+def clean_basis(features: torch.Tensor, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, energy): the right singular vectors of `features` (N x z) as rows, by decreasing
+    singular value, and their energies (squared singular values); `gram`: features features^T
+    if already computed (N x N: cheaper than z x z when N < z, the same non-zero spectrum)."""
+    phi = features.double()
+    u, energy = spectrum(phi @ phi.T if gram is None else gram)
+    return (u.T @ phi) / energy.sqrt().unsqueeze(1), energy
 
 
 def kept_directions(energy: torch.Tensor, eps: float) -> int:
@@ -134,10 +139,12 @@ class FlainSubspace:
         shift = self.shift if self.augment == "shift-mirror" else 0
         return tau_features(tau.model, tau.model.get_submodule(tau.name), tau.name, augment(images, shift))
 
-    def drop_curve(self, tau: TauView, w0: torch.Tensor, augmented: torch.Tensor) -> tuple[float, np.ndarray]:
+    def drop_curve(self, tau: TauView, w0: torch.Tensor, augmented: torch.Tensor,
+                   gram: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
         """(acc0, cross-fitted soft-accuracy drop of [no flip, *EPSILONS]); `augmented`: tau's
         inputs for the augmented aux set, copy after copy of the N aux images (row j is a copy
-        of image j mod N), so each fold's directions come from the other folds' copies."""
+        of image j mod N), so each fold's directions come from the other folds' copies; `gram`:
+        augmented augmented^T (float64) if already computed."""
         if tau.rest is None:
             raise TauNotUsable(f"flain-subspace scores subsets of the aux set after layer {tau.name!r}, which needs a "
                                "model whose output is a function of tau's output (torch.fx-traceable, no skip around "
@@ -147,12 +154,19 @@ class FlainSubspace:
         source_fold = torch.as_tensor(np.tile(fold, len(augmented) // len(fold)), device=augmented.device)
         dw = (tau.weight - w0).double()
         bias = tau.bias.detach().double().unsqueeze(1) if tau.bias is not None else 0.0
+        # each fold's directions V = U^T F / sqrt(energy) enter only through dW V^T and V phi^T:
+        # both follow from the whole Gram matrix and dW F^T, so F is multiplied once, not per fold
+        feats = augmented.double()
+        gram, projected = feats @ feats.T if gram is None else gram, dw @ feats.T
         totals = np.zeros(len(EPSILONS) + 1)
         for f in range(self.folds):
             held = torch.as_tensor(np.flatnonzero(fold == f), device=labels.device)
-            basis, energy = clean_basis(augmented[source_fold != f])
+            rows = source_fold != f
+            u, energy = spectrum(gram[rows][:, rows])
             phi = tau.features[held.to(tau.features.device)].double()
-            a, b = dw @ basis.T, basis @ phi.T  # out x r, r x m
+            scale = energy.sqrt()
+            a = (projected[:, rows] @ u) / scale  # dW V^T: out x r
+            b = (u.T @ (feats[rows] @ phi.T)) / scale.unsqueeze(1)  # V phi^T: r x m
             flipped = (w0.double() - dw) @ phi.T  # every direction flipped
             for i, k in enumerate([None] + [kept_directions(energy, e) for e in EPSILONS]):
                 pre = tau.weight.double() @ phi.T if k is None else flipped + 2 * a[:, :k] @ b[:k]
@@ -169,9 +183,10 @@ class FlainSubspace:
         w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
         acc_before = tau.evaluate(tau.weight)
         augmented = self._features(tau, images)
-        _, drops = self.drop_curve(tau, w0, augmented)
+        gram = augmented.double() @ augmented.double().T
+        _, drops = self.drop_curve(tau, w0, augmented, gram)
         i = select_eps(drops, self.tol)
-        basis, energy = clean_basis(augmented)
+        basis, energy = clean_basis(augmented, gram)
         k = None if i == 0 else kept_directions(energy, float(EPSILONS[i - 1]))
         weight = tau.weight.clone() if k is None else subspace_flip(w0, tau.weight, basis, k)
         state, aux_acc_after = tau.state_with(weight)
