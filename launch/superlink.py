@@ -289,7 +289,10 @@ class SuperLink:
                 if now - last_status < (poll if running else min(15.0, poll)):
                     continue
                 last_status = now
-                status = self.status(run_id)["status"]
+                run = self._poll(run_id)
+                if run is None:  # `flwr ls` timed out (a loaded machine): ask again; the deadlines hold
+                    continue
+                status = run["status"]
                 if status.startswith("finished"):
                     break
                 running = status.startswith("running")
@@ -300,14 +303,24 @@ class SuperLink:
             problem = self._dead()  # the log stream also ends when the SuperLink dies
             if problem:
                 raise RunFailed(problem)
+            run = None
             for _ in range(60):  # the status can trail the end of the logs briefly
-                run = self.status(run_id)
-                if run["status"].startswith("finished"):
+                run = self._poll(run_id) or run
+                if run is not None and run["status"].startswith("finished"):
                     return run
                 time.sleep(1)
+            if run is None:
+                raise RunFailed(f"run {run_id}'s logs ended but `flwr ls` never answered with its status")
             return run
         finally:
             stop_tree(streamer, grace=2)
+
+    def _poll(self, run_id: int) -> dict[str, Any] | None:
+        """The run's status, or None when `flwr ls` did not answer within its timeout."""
+        try:
+            return self.status(run_id)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _dead(self) -> str | None:
         """Why this SuperLink can no longer serve the run, if its process (when ours) exited."""

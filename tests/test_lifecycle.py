@@ -58,6 +58,25 @@ def test_the_whole_run_has_a_deadline():
             link.follow(run_id, lambda line: None, poll=30, start_timeout=600, timeout=8)
 
 
+def test_a_status_poll_that_times_out_is_asked_again_under_the_same_deadline():
+    """On a loaded machine `flwr ls` can miss its timeout (a run died of it); the wait asks
+    again and still ends at its own deadline, with RunFailed, not a traceback."""
+    with private_superlink(simulation=False, isolation="process") as link:
+        run_id = _submit_unserved_run(link)
+        real, calls = link.status, []
+
+        def slow_then_real(rid):
+            calls.append(rid)
+            if len(calls) <= 2:
+                raise subprocess.TimeoutExpired(["flwr", "ls"], 120)
+            return real(rid)
+
+        link.status = slow_then_real
+        with pytest.raises(RunFailed, match=r"still 'pending' after 20s|still 'starting' after 20s"):
+            link.follow(run_id, lambda line: None, poll=5, start_timeout=20)
+        assert len(calls) > 2
+
+
 def _marked_processes(marker: str) -> list[int]:
     return processes_with_env("FLAIN_TEST_MARKER", marker)
 
