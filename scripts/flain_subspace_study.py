@@ -28,7 +28,7 @@ from models import build_model  # noqa: E402
 from server.post_training import make_evaluator  # noqa: E402
 from server.results import RunDir  # noqa: E402
 from strategies.post_training.flain_subspace import (  # noqa: E402
-    AUGMENTS, EPSILONS, FlainSubspace, clean_basis, kept_directions, select_eps, subspace_flip)
+    AUGMENTS, FlainSubspace, clean_basis, flipped_weight)
 from strategies.post_training.tau import TauView  # noqa: E402
 
 TOLS = (0.005, 0.01, 0.015, 0.02, 0.03)  # fixed in the study's plan before D2 and D4 existed
@@ -57,14 +57,13 @@ def study(run_dir: Path) -> dict:
     for aug in AUGMENTS:
         started = time.perf_counter()
         defense = FlainSubspace(augment=aug, folds=cfg.flain_subspace_folds, layer=cfg.flain_layer, seed=cfg.seed)
-        augmented = defense._features(tau, aux_x)
-        _, drops = defense.drop_curve(tau, w0, augmented)
-        basis, energy = clean_basis(augmented)
+        augmented = defense.features(tau, aux_x)
+        gram = augmented.double() @ augmented.double().T
+        _, drops = defense.drop_curve(tau, w0, augmented, gram)
+        basis, energy = clean_basis(augmented, gram)
         curve_seconds = time.perf_counter() - started
         for tol in TOLS:
-            i = select_eps(drops, tol)
-            k = None if i == 0 else kept_directions(energy, float(EPSILONS[i - 1]))
-            weight = tau.weight.clone() if k is None else subspace_flip(w0, tau.weight, basis, k)
+            weight, k, i = flipped_weight(w0, tau.weight, drops, tol, basis, energy)
             state = dict(final) | {f"{tau.name}.weight": weight.cpu()}
             result["settings"][f"{aug} / {tol}"] = evaluator(state) | {
                 "kept_directions": k, "directions": int(len(energy)), "estimated_drop": float(drops[i]),

@@ -106,6 +106,17 @@ def select_eps(drops: np.ndarray, tol: float) -> int:
     return select_count(np.arange(len(drops)), drops, tol, "last-within")
 
 
+def flipped_weight(w0: torch.Tensor, w: torch.Tensor, drops: np.ndarray, tol: float, basis: torch.Tensor,
+                   energy: torch.Tensor) -> tuple[torch.Tensor, int | None, int]:
+    """(weight, kept directions or None, index into [no flip, *EPSILONS]): the model the
+    last-within rule picks on the cross-fitted `drops`."""
+    i = select_eps(drops, tol)
+    if i == 0:
+        return w.clone(), None, 0
+    k = kept_directions(energy, float(EPSILONS[i - 1]))
+    return subspace_flip(w0, w, basis, k), k, i
+
+
 @dataclass(frozen=True)
 class FlainSubspace:
     """Post-training defense: FLAIN's flip along the clean features' low-energy directions,
@@ -135,7 +146,7 @@ class FlainSubspace:
                    layer=cfg.flain_layer, seed=cfg.seed)
 
     @torch.no_grad()
-    def _features(self, tau: TauView, images: torch.Tensor) -> torch.Tensor:
+    def features(self, tau: TauView, images: torch.Tensor) -> torch.Tensor:
         shift = self.shift if self.augment == "shift-mirror" else 0
         return tau_features(tau.model, tau.model.get_submodule(tau.name), tau.name, augment(images, shift))
 
@@ -182,13 +193,11 @@ class FlainSubspace:
         images = inp.aux_images.to(tau.features.device)
         w0 = inp.initial_state[f"{tau.name}.weight"].to(tau.weight)
         acc_before = tau.evaluate(tau.weight)
-        augmented = self._features(tau, images)
+        augmented = self.features(tau, images)
         gram = augmented.double() @ augmented.double().T
         _, drops = self.drop_curve(tau, w0, augmented, gram)
-        i = select_eps(drops, self.tol)
         basis, energy = clean_basis(augmented, gram)
-        k = None if i == 0 else kept_directions(energy, float(EPSILONS[i - 1]))
-        weight = tau.weight.clone() if k is None else subspace_flip(w0, tau.weight, basis, k)
+        weight, k, i = flipped_weight(w0, tau.weight, drops, self.tol, basis, energy)
         state, aux_acc_after = tau.state_with(weight)
         return state, {
             "layer": tau.name,
