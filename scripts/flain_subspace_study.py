@@ -6,6 +6,7 @@ model `flain-subspace` would return (the same pure functions as the defense) and
 ACC/ASR. The choice sees only the aux set; the test images only score it.
 
     .venv/bin/python scripts/flain_subspace_study.py runs/A runs/B ... [--out docs/flain-subspace-study]
+    .venv/bin/python scripts/flain_subspace_study.py --oracle [--round R] runs/A ...   (the reachable points)
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ from models import build_model  # noqa: E402
 from server.post_training import make_evaluator  # noqa: E402
 from server.results import RunDir  # noqa: E402
 from strategies.post_training.flain_subspace import (  # noqa: E402
-    AUGMENTS, FlainSubspace, clean_basis, flipped_weight)
+    AUGMENTS, EPSILONS, FlainSubspace, clean_basis, flipped_weight, kept_directions, subspace_flip)
 from strategies.post_training.tau import TauView  # noqa: E402
 
 TOLS = (0.005, 0.01, 0.015, 0.02, 0.03)  # fixed in the study's plan before D2 and D4 existed
 
 
 @torch.no_grad()
-def study(run_dir: Path) -> dict:
+def _load(run_dir: Path, rnd: int | None = None):
+    """(cfg, evaluator on the images `flain defend` scores, the trained model's state, tau, W0
+    of tau, the aux images): the trained model is the final one, or the checkpoint of `rnd`."""
     run_config, _ = read_run(run_dir)
     cfg = defend_config(run_config, ["flain-subspace"], {})
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
@@ -45,13 +48,18 @@ def study(run_dir: Path) -> dict:
     eval_mask[root_split(cfg, labels.numpy(), aux_idx)[1]] = True  # as `flain defend` scores
     evaluator = make_evaluator(cfg, images[eval_mask], labels[eval_mask], "cpu")
     model = build_model(cfg.dataset, cfg.network)
-    final = run.load_model("final", model.state_dict())
+    trained = run.load_model("final", model.state_dict(), rnd=rnd)
     initial = run.load_model("initial", model.state_dict())
-    model.load_state_dict(final)
+    model.load_state_dict(trained)
     model.eval()
     aux_x, aux_y = to_float(images[aux_idx]), labels[aux_idx]
     tau = TauView.of(model, cfg.flain_layer, aux_x, aux_y)
-    w0 = initial[f"{tau.name}.weight"].to(tau.weight)
+    return cfg, evaluator, trained, tau, initial[f"{tau.name}.weight"].to(tau.weight), aux_x
+
+
+@torch.no_grad()
+def study(run_dir: Path) -> dict:
+    cfg, evaluator, final, tau, w0, aux_x = _load(run_dir)
     result = {"run": run_dir.name, "dataset": cfg.dataset, "seed": cfg.seed, "no_defense": evaluator(final),
               "settings": {}}
     for aug in AUGMENTS:
@@ -71,17 +79,52 @@ def study(run_dir: Path) -> dict:
     return result
 
 
+@torch.no_grad()
+def oracle(run_dir: Path, rnd: int | None = None) -> dict:
+    """The test ACC/ASR at every point of the flip path (`shift-mirror`, every eps of the
+    scan, directions from all 200 aux images): what any rule on this path could reach at best.
+    Test labels score every point, so it chooses nothing; it only says whether the issue's bar
+    lies on the path at all."""
+    cfg, evaluator, trained, tau, w0, aux_x = _load(run_dir, rnd)
+    defense = FlainSubspace(augment="shift-mirror", layer=cfg.flain_layer, seed=cfg.seed)
+    basis, energy = clean_basis(defense.features(tau, aux_x))
+    nd = evaluator(trained)
+    path = []
+    for eps in EPSILONS:
+        k = kept_directions(energy, float(eps))
+        r = evaluator(dict(trained) | {f"{tau.name}.weight": subspace_flip(w0, tau.weight, basis, k).cpu()})
+        path.append({"eps": float(eps), "kept": k, "acc": r["acc"], "asr": r["asr"], "drop": nd["acc"] - r["acc"]})
+    within = [p["asr"] for p in path if p["drop"] <= 0.01]
+    clean = [p["drop"] for p in path if p["asr"] <= 0.02]
+    return {"run": run_dir.name, "round": rnd, "no_defense": nd, "directions": int(len(energy)), "path": path,
+            "best_asr_at_drop_0.01": min(within, default=nd["asr"]),
+            "least_drop_at_asr_0.02": min(clean, default=None)}
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1) + "\n")
+    path.with_suffix(".tmp").replace(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs/flain-subspace-study"))
+    p.add_argument("--oracle", action="store_true", help="test ACC/ASR along the whole flip path instead (oracle/)")
+    p.add_argument("--round", type=int, default=None, help="with --oracle: the checkpoint of this round")
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     for run_dir in args.runs:
+        if args.oracle:
+            result = oracle(run_dir, args.round)
+            suffix = "" if args.round is None else f"@{args.round}"
+            _write(args.out / "oracle" / f"{run_dir.name}{suffix}.json", result)
+            print(f"{run_dir.name}{suffix}: no-Defense ASR {result['no_defense']['asr']:.4f}; best ASR at a test drop "
+                  f"<= 0.01: {result['best_asr_at_drop_0.01']:.4f}; least drop at ASR <= 0.02: "
+                  f"{result['least_drop_at_asr_0.02']}")
+            continue
         result = study(run_dir)
-        path = args.out / f"{run_dir.name}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(result, indent=1) + "\n")
-        path.with_suffix(".tmp").replace(path)
+        _write(args.out / f"{run_dir.name}.json", result)
         nd = result["no_defense"]
         print(f"\n{result['run']}: no-Defense ACC {nd['acc']:.4f} ASR {nd['asr']:.4f}")
         print("| setting | kept | est. aux drop | ACC | drop | ASR |\n| --- | --- | --- | --- | --- | --- |")
