@@ -94,7 +94,7 @@ class ExperimentConfig:
     flain_cv_scores: str = "crossfit"
     flain_cv_select: str = "last-within"
     flain_cv_accuracy: str = "soft"
-    flain_subspace_tol: float = 0.01
+    flain_subspace_tol: float = 0.02
     flain_subspace_folds: int = 5
     flain_subspace_augment: str = "shift-mirror"
     fedpruning_rate: float = 0.0

@@ -30,7 +30,7 @@ from server.post_training import make_evaluator  # noqa: E402
 from server.results import RunDir  # noqa: E402
 from strategies.post_training.flain_subspace import (  # noqa: E402
     AUGMENTS, EPSILONS, FlainSubspace, clean_basis, flipped_weight, kept_directions, subspace_flip)
-from strategies.post_training.tau import TauView  # noqa: E402
+from strategies.post_training.tau import TauView, tau_features  # noqa: E402
 
 TOLS = (0.005, 0.01, 0.015, 0.02, 0.03)  # fixed in the study's plan before D2 and D4 existed
 
@@ -89,11 +89,23 @@ def oracle(run_dir: Path, rnd: int | None = None) -> dict:
     defense = FlainSubspace(augment="shift-mirror", layer=cfg.flain_layer, seed=cfg.seed)
     basis, energy = clean_basis(defense.features(tau, aux_x))
     nd = evaluator(trained)
-    path = []
+    # tau's inputs once; every point of the path then only runs the layers after tau
+    module = tau.model.get_submodule(tau.name)
+    clean = tau_features(tau.model, module, tau.name, to_float(evaluator.images))
+    stamped = tau_features(tau.model, module, tau.name, to_float(evaluator.triggered))
+    bias = 0.0 if tau.bias is None else tau.bias.detach()
+
+    def score(weight: torch.Tensor) -> dict[str, float]:
+        acc = (tau.rest(clean @ weight.T + bias).argmax(1) == evaluator.labels).float().mean().item()
+        asr = (tau.rest(stamped @ weight.T + bias).argmax(1) == cfg.target_label).float().mean().item()
+        return {"acc": acc, "asr": asr}
+
+    path = [{"eps": None, "kept": None, **score(tau.weight)}]  # no flip: must equal no-Defense
     for eps in EPSILONS:
         k = kept_directions(energy, float(eps))
-        r = evaluator(dict(trained) | {f"{tau.name}.weight": subspace_flip(w0, tau.weight, basis, k).cpu()})
-        path.append({"eps": float(eps), "kept": k, "acc": r["acc"], "asr": r["asr"], "drop": nd["acc"] - r["acc"]})
+        path.append({"eps": float(eps), "kept": k, **score(subspace_flip(w0, tau.weight, basis, k))})
+    for p in path:
+        p["drop"] = nd["acc"] - p["acc"]
     within = [p["asr"] for p in path if p["drop"] <= 0.01]
     clean = [p["drop"] for p in path if p["asr"] <= 0.02]
     return {"run": run_dir.name, "round": rnd, "no_defense": nd, "directions": int(len(energy)), "path": path,
