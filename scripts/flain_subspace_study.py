@@ -6,7 +6,7 @@ model `flain-subspace` would return (the same pure functions as the defense) and
 ACC/ASR. The choice sees only the aux set; the test images only score it.
 
     .venv/bin/python scripts/flain_subspace_study.py runs/A runs/B ... [--out docs/flain-subspace-study]
-    .venv/bin/python scripts/flain_subspace_study.py --oracle [--round R] runs/A ...   (the reachable points)
+    .venv/bin/python scripts/flain_subspace_study.py --oracle runs/A ...   (the reachable points; --round R: a checkpoint)
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def _load(run_dir: Path, rnd: int | None = None):
 
 
 @torch.no_grad()
-def study(run_dir: Path) -> dict:
-    cfg, evaluator, final, tau, w0, aux_x = _load(run_dir)
-    result = {"run": run_dir.name, "dataset": cfg.dataset, "seed": cfg.seed, "no_defense": evaluator(final),
+def study(run_dir: Path, rnd: int | None = None) -> dict:
+    cfg, evaluator, final, tau, w0, aux_x = _load(run_dir, rnd)
+    result = {"run": run_dir.name, "round": rnd, "dataset": cfg.dataset, "seed": cfg.seed, "no_defense": evaluator(final),
               "settings": {}}
     for aug in AUGMENTS:
         started = time.perf_counter()
@@ -107,10 +107,10 @@ def oracle(run_dir: Path, rnd: int | None = None) -> dict:
     for p in path:
         p["drop"] = nd["acc"] - p["acc"]
     within = [p["asr"] for p in path if p["drop"] <= 0.01]
-    clean = [p["drop"] for p in path if p["asr"] <= 0.02]
+    removed = [p["drop"] for p in path if p["asr"] <= 0.02]
     return {"run": run_dir.name, "round": rnd, "no_defense": nd, "directions": int(len(energy)), "path": path,
             "best_asr_at_drop_0.01": min(within, default=nd["asr"]),
-            "least_drop_at_asr_0.02": min(clean, default=None)}
+            "least_drop_at_asr_0.02": min(removed, default=None)}
 
 
 def _write(path: Path, result: dict) -> None:
@@ -124,19 +124,19 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs/flain-subspace-study"))
     p.add_argument("--oracle", action="store_true", help="test ACC/ASR along the whole flip path instead (oracle/)")
-    p.add_argument("--round", type=int, default=None, help="with --oracle: the checkpoint of this round")
+    p.add_argument("--round", type=int, default=None, help="the checkpoint of this round instead of the final model")
     args = p.parse_args()
+    suffix = "" if args.round is None else f"@{args.round}"
     for run_dir in args.runs:
         if args.oracle:
             result = oracle(run_dir, args.round)
-            suffix = "" if args.round is None else f"@{args.round}"
             _write(args.out / "oracle" / f"{run_dir.name}{suffix}.json", result)
             print(f"{run_dir.name}{suffix}: no-Defense ASR {result['no_defense']['asr']:.4f}; best ASR at a test drop "
                   f"<= 0.01: {result['best_asr_at_drop_0.01']:.4f}; least drop at ASR <= 0.02: "
                   f"{result['least_drop_at_asr_0.02']}")
             continue
-        result = study(run_dir)
-        _write(args.out / f"{run_dir.name}.json", result)
+        result = study(run_dir, args.round)
+        _write(args.out / f"{run_dir.name}{suffix}.json", result)
         nd = result["no_defense"]
         print(f"\n{result['run']}: no-Defense ACC {nd['acc']:.4f} ASR {nd['asr']:.4f}")
         print("| setting | kept | est. aux drop | ACC | drop | ASR |\n| --- | --- | --- | --- | --- | --- |")
