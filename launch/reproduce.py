@@ -153,22 +153,27 @@ _IDENTITY_SKIP = ("run-dir", "data-dir", "post-defenses")
 BEFORE_THE_KEY = {"network": "two-dropout"}
 
 
-def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    """A completed training of exactly this configuration. Where the data live does not count,
-    nor which post-training defenses ran: missing ones are applied to its saved models
-    (`complete_defenses`), a training is never repeated for them."""
+def unusable(run_dir: Path, cfg: ExperimentConfig) -> str | None:
+    """Why RUN_DIR is not a completed training of exactly this configuration (None: it is).
+    Where the data live does not count, nor which post-training defenses ran: missing ones are
+    applied to its saved models (`complete_defenses`), a training is never repeated for them."""
     try:
         run = RunDir(run_dir)
         config, summary = run.config(), run.summary()
-    except RunFileError:
-        return False
+    except RunFileError as e:
+        return str(e)
     if summary.get("status") not in ("completed", "defense-failed"):
-        return False
+        return f"status {summary.get('status')!r}, not completed"
     want = {k: v for k, v in cfg.to_run_config().items()
             if k not in _IDENTITY_SKIP and not k.startswith(("flain-", "fedpruning-"))}  # post-training settings
     # keys newer than the run (absent from its config.json) had the value they had then
     then = default_run_config() | BEFORE_THE_KEY
-    return all(config.get(k, then[k]) == v for k, v in want.items())
+    differ = [f"{k} {config.get(k, then[k])!r}, not {v!r}" for k, v in want.items() if config.get(k, then[k]) != v]
+    return "another configuration: " + "; ".join(differ) if differ else None
+
+
+def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    return unusable(run_dir, cfg) is None
 
 
 DEFENDED_LABEL = "reproduce"  # RUN_DIR/defended/reproduce: defenses the run itself did not apply
@@ -309,14 +314,16 @@ def report(trainings: list[Training], out: Path) -> dict[str, Any]:
     by_cell: dict[Cell, list[tuple[str, dict[str, Any]]]] = {}
     paper_no_defense = {(c.table, c.dataset, c.task, c.partition, c.clients, c.mcr, c.pdr, c.trigger): c.acc
                         for c in paper_cells() if c.defense == "no-Defense"}
-    trainings_out = []
+    trainings_out, not_counted = [], []
     for t in trainings:
         run_dir = out / "runs" / t.name
         summary = None
-        if RunDir(run_dir).exists():
-            summary = results(run_dir)
-            if summary.get("status") not in ("completed", "defense-failed"):
-                summary = None
+        if RunDir(run_dir).exists():  # a run left by another configuration must not pass for this one
+            why = unusable(run_dir, resolved(t))
+            if why is None:
+                summary = results(run_dir)
+            else:
+                not_counted.append({"run": f"runs/{t.name}", "why": why})
         for cell in t.cells:
             by_cell.setdefault(cell, [])
             if summary is not None:
@@ -345,7 +352,7 @@ def report(trainings: list[Training], out: Path) -> dict[str, Any]:
         cells_out.append(entry)
     used = sorted({c.dataset for c in by_cell})
     return {"tolerance": TOLERANCE, "rounds": {d: DATASETS[d].rounds for d in used}, "cells": cells_out,
-            "trainings": trainings_out}
+            "trainings": trainings_out, "not_counted": not_counted}
 
 
 def _fmt(x: float | None, sd: float | None = None, n: int | None = None) -> str:
@@ -385,6 +392,10 @@ def markdown(data: dict[str, Any]) -> str:
         gap = "" if t["gap"] is None else f"{t['gap']:+.3f}"
         lines.append(f"| {t['run']} | {t['rounds']} | {t['seed']} | {t['no_defense_acc']:.3f} | "
                      f"{_fmt(t['paper_no_defense_acc'])} | {gap} |")
+    if data.get("not_counted"):
+        lines += ["", "Not counted (the directory holds something other than the training this report needs; "
+                  "`flain reproduce` without `--report-only` replaces it):", ""]
+        lines += [f"- {n['run']}: {n['why']}" for n in data["not_counted"]]
     return "\n".join(lines) + "\n"
 
 

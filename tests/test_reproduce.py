@@ -105,6 +105,25 @@ def test_finished_runs_are_reused_and_the_report_compares(tmp_path, capsys):
     assert "not run" in (tmp_path / "report.md").read_text() and (tmp_path / "table1.png").is_file()
 
 
+def test_a_run_of_another_configuration_is_not_reported_as_this_one(tmp_path):
+    """A directory left by an earlier sweep (10 rounds where the data set's default is now longer)
+    must not fill the cells: they say "not run" and the report names the run and the difference."""
+    cells = rep.select(rep.paper_cells(), "table1", ["fmnist"], ["0-5"])
+    trainings = rep.plan(cells, seeds=1, extra={})
+    fedavg = next(t for t in trainings if t.overrides["aggregation"] == "fedavg")
+    cfg = rep.resolved(fedavg)
+    assert cfg.num_rounds != 10
+    _fake_run(tmp_path / "runs" / fedavg.name, cfg.replace(num_rounds=10), {"acc": 0.88, "asr": 0.95},
+              {"flain": {"acc": 0.895, "asr": 0.01}})
+    data = rep.report(trainings, tmp_path)
+    assert all(c["ours"] is None for c in data["cells"]) and data["trainings"] == []
+    assert data["not_counted"] == [{"run": f"runs/{fedavg.name}",
+                                    "why": f"another configuration: num-rounds 10, not {cfg.num_rounds}"}]
+    md = rep.markdown(data)
+    assert f"- runs/{fedavg.name}: another configuration: num-rounds 10, not {cfg.num_rounds}" in md
+    assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | FLAIN | 0.000 | 0.900 | not run |" in md
+
+
 def test_reproduce_bad_input_is_one_line(capsys):
     for argv, fragment in [(["reproduce", "table9"], "NAME='table9'"),
                            (["reproduce", "table1,fig9"], "NAME='fig9'"),
