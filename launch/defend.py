@@ -13,8 +13,9 @@ and is refused.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from strategies import POST_DEFENSES
 from strategies.flain_defense import AuxMismatch, apply_defenses, check_fit, preflight, trained_fits_aux
 from strategies.post_training import PostTrainingInput
 from strategies.post_training import check as check_post_training
+from server.evaluation import Evaluator
 from server.post_training import apply_post_defenses, make_evaluator, post_defenses, post_training_input
 from server.checks import check_experiment
 from server.results import DefendRecorder, RunDir, clear, end_status
@@ -85,49 +87,79 @@ def aux_indices(run: RunDir, run_config: dict[str, Any], cfg: ExperimentConfig, 
     return np.sort(np.random.default_rng(cfg.seed).permutation(test_size)[:size]), "np.random.default_rng(seed)"
 
 
-def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label: str | None,
-           overwrite: bool = False, rnd: int | None = None) -> tuple[Path, dict[str, Any]]:
-    """Apply `defenses` to RUN_DIR's final model, or to its checkpoint of round `rnd`;
-    (output directory, its summary)."""
-    run_config, summary = read_run(run_dir)
+@dataclass(frozen=True)
+class SavedRun:
+    """A finished run read back for its post-training stage, as the ServerApp had it: the
+    configuration (with the post-training changes), the test split, the aux indices, the
+    images ACC/ASR are scored on, W0 and the trained model (the final one or a checkpoint)."""
+
+    run: RunDir
+    config: ExperimentConfig
+    images: torch.Tensor  # the whole test split
+    labels: torch.Tensor
+    aux: np.ndarray  # indices of the aux set in the test split
+    aux_source: str  # where they came from (the run's aux.npy, or a new draw)
+    scored: np.ndarray  # boolean mask: the images ACC/ASR are measured on
+    initial: dict[str, torch.Tensor]
+    trained: dict[str, torch.Tensor]
+    trained_name: str  # "final" or "round-R"
+
+    def evaluator(self, device: torch.device | str) -> Evaluator:
+        return make_evaluator(self.config, self.images[self.scored], self.labels[self.scored], device)
+
+    def post_training_input(self, device: torch.device | str) -> PostTrainingInput:
+        return post_training_input(self.config, self.trained, self.initial, self.images[self.aux],
+                                   self.labels[self.aux], device)
+
+
+def load_saved_run(run_dir: Path, defenses: list[str], overrides: dict[str, Any], rnd: int | None = None,
+                   device: torch.device | str = "cpu") -> SavedRun:
+    """RUN_DIR's final model, or its checkpoint of round `rnd`, with everything its post-training
+    stage needs (ConfigError: a change that is not allowed, or a missing model)."""
+    run_config, _ = read_run(run_dir)
     run = RunDir(run_dir)
     cfg = defend_config(run_config, defenses, overrides)
-    trained = "final"
     if rnd is not None:
         saved = run.checkpoint_rounds()
         if rnd not in saved:
             raise ConfigError(f"{run_dir} has no checkpoint of round {rnd}: it saved rounds {saved or 'none'} "
                               "(train with --set checkpoint-every=K)")
-        trained = f"round-{rnd}"
+    for name in ("initial", "final") if rnd is None else ("initial",):  # a checkpoint needs no finished run
+        if not run.model_file(name).is_file():
+            raise ConfigError(f"{run_dir} has no {name}.pt: the run did not finish training")
+    images, labels = load(cfg.dataset, cfg.data_dir, train=False)
+    aux_idx, source = aux_indices(run, run_config, cfg, labels.numpy(), overrides)
+    scored = np.zeros(len(labels), dtype=bool)
+    scored[root_split(cfg, labels.numpy(), aux_idx)[1]] = True  # outside the aux set (and FLTrust's root set)
+    like = build_model(cfg.dataset, cfg.network).state_dict()
+    return SavedRun(run, cfg, images, labels, aux_idx, source, scored, run.load_model("initial", like, device),
+                    run.load_model("final", like, device, rnd=rnd), "final" if rnd is None else f"round-{rnd}")
+
+
+def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label: str | None,
+           overwrite: bool = False, rnd: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """Apply `defenses` to RUN_DIR's final model, or to its checkpoint of round `rnd`;
+    (output directory, its summary)."""
+    device = pick_device()
+    saved = load_saved_run(run_dir, defenses, overrides, rnd, device)
+    cfg = saved.config
     if label is None:
         label = ("+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))).replace("/", "_")
-        label += f"@{trained}" if rnd is not None else ""
-    out = run.defended(label).path
+        label += f"@{saved.trained_name}" if rnd is not None else ""
+    out = saved.run.defended(label).path
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
         clear(out)  # all of it (refused if it is not ours)
-    for name in ("initial", "final") if rnd is None else ("initial",):  # a checkpoint needs no finished run
-        if not run.model_file(name).is_file():
-            raise ConfigError(f"{run_dir} has no {name}.pt: the run did not finish training")
-
-    device = pick_device()
-    images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    aux_idx, source = aux_indices(run, run_config, cfg, labels.numpy(), overrides)
-    eval_mask = np.zeros(len(labels), dtype=bool)
-    eval_mask[root_split(cfg, labels.numpy(), aux_idx)[1]] = True  # outside the aux set (and FLTrust's root set)
-    evaluator = make_evaluator(cfg, images[eval_mask], labels[eval_mask], device)
-    like = build_model(cfg.dataset, cfg.network).state_dict()
-    initial = run.load_model("initial", like, device)
-    final = run.load_model("final", like, device, rnd=rnd)
-    check = evaluator(final)  # the run's own no-Defense numbers, re-measured on the same images
+    evaluator = saved.evaluator(device)
+    check = evaluator(saved.trained)  # the run's own no-Defense numbers, re-measured on the same images
     recorder = DefendRecorder(out, {
-        "run": str(run_dir.resolve()), "model": trained, "defenses": defenses, "overrides": overrides,
-        "aux_source": source,
+        "run": str(run_dir.resolve()), "model": saved.trained_name, "defenses": defenses, "overrides": overrides,
+        "aux_source": saved.aux_source,
         "no_defense": check, "device": str(device),
         "config": {k: v for k, v in cfg.to_run_config().items() if changeable(k) or k == "seed"},
     })
-    inp = post_training_input(cfg, final, initial, images[aux_idx], labels[aux_idx], device)
+    inp = saved.post_training_input(device)
     started = time.perf_counter()
     try:
         failed = apply_post_defenses(cfg, inp, evaluator, recorder)

@@ -17,17 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiment.data import load, root_split, to_float  # noqa: E402
-from launch.defend import aux_indices, defend_config  # noqa: E402
-from launch.tables import read_run  # noqa: E402
+from experiment.data import to_float  # noqa: E402
+from launch.defend import load_saved_run  # noqa: E402
 from models import build_model  # noqa: E402
-from server.post_training import make_evaluator  # noqa: E402
-from server.results import RunDir  # noqa: E402
 from strategies.post_training.flain_subspace import (  # noqa: E402
     AUGMENTS, EPSILONS, FlainSubspace, clean_basis, flipped_weight, kept_directions, subspace_flip)
 from strategies.post_training.tau import TauView, tau_features  # noqa: E402
@@ -39,22 +35,14 @@ TOLS = (0.005, 0.01, 0.015, 0.02, 0.03)  # fixed in the study's plan before D2 a
 def _load(run_dir: Path, rnd: int | None = None):
     """(cfg, evaluator on the images `flain defend` scores, the trained model's state, tau, W0
     of tau, the aux images): the trained model is the final one, or the checkpoint of `rnd`."""
-    run_config, _ = read_run(run_dir)
-    cfg = defend_config(run_config, ["flain-subspace"], {})
-    images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    run = RunDir(run_dir)
-    aux_idx, _ = aux_indices(run, run_config, cfg, labels.numpy(), {})
-    eval_mask = np.zeros(len(labels), dtype=bool)
-    eval_mask[root_split(cfg, labels.numpy(), aux_idx)[1]] = True  # as `flain defend` scores
-    evaluator = make_evaluator(cfg, images[eval_mask], labels[eval_mask], "cpu")
+    saved = load_saved_run(run_dir, ["flain-subspace"], {}, rnd)
+    cfg = saved.config
     model = build_model(cfg.dataset, cfg.network)
-    trained = run.load_model("final", model.state_dict(), rnd=rnd)
-    initial = run.load_model("initial", model.state_dict())
-    model.load_state_dict(trained)
+    model.load_state_dict(saved.trained)
     model.eval()
-    aux_x, aux_y = to_float(images[aux_idx]), labels[aux_idx]
+    aux_x, aux_y = to_float(saved.images[saved.aux]), saved.labels[saved.aux]
     tau = TauView.of(model, cfg.flain_layer, aux_x, aux_y)
-    return cfg, evaluator, trained, tau, initial[f"{tau.name}.weight"].to(tau.weight), aux_x
+    return cfg, saved.evaluator("cpu"), saved.trained, tau, saved.initial[f"{tau.name}.weight"].to(tau.weight), aux_x
 
 
 @torch.no_grad()

@@ -21,16 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attacks import trigger_scheme  # noqa: E402
-from experiment.data import load, to_float  # noqa: E402
-from launch.defend import aux_indices, defend_config  # noqa: E402
-from launch.tables import read_run  # noqa: E402
+from experiment.data import to_float  # noqa: E402
+from launch.defend import load_saved_run  # noqa: E402
 from models import build_model, split_at  # noqa: E402
 from strategies.post_training import PostTrainingInput  # noqa: E402
 from strategies.post_training.flain import Flain  # noqa: E402
 from strategies.post_training.flain_cv import FlainCV, candidate_counts, select_count  # noqa: E402
 from strategies.post_training.flip_path import flip_path_logits  # noqa: E402
 from strategies.post_training.tau import TauView, tau_inputs  # noqa: E402
-from server.results import RunDir  # noqa: E402
 
 # name -> FlainCV settings (tol, scores, select, balanced); "flain" is Algorithm 1 itself
 CANDIDATES: dict[str, dict] = {
@@ -67,22 +65,16 @@ def test_curve(model, initial, layer, images, labels, triggered, target, counts,
 
 @torch.no_grad()
 def study(run_dir: Path) -> dict:
-    run_config, summary = read_run(run_dir)
-    cfg = defend_config(run_config, ["flain"], {})
-    images, labels = load(cfg.dataset, cfg.data_dir, train=False)
-    run = RunDir(run_dir)
-    aux_idx, _ = aux_indices(run, run_config, cfg, labels.numpy(), {})
-    keep = np.ones(len(labels), dtype=bool)
-    keep[aux_idx] = False
+    saved = load_saved_run(run_dir, ["flain"], {})
+    cfg, initial = saved.config, saved.initial
     model = build_model(cfg.dataset, cfg.network)
-    model.load_state_dict(run.load_model("final", model.state_dict()))
+    model.load_state_dict(saved.trained)
     model.eval()
-    initial = run.load_model("initial", model.state_dict())
-    aux_x, aux_y = to_float(images[aux_idx]), labels[aux_idx]
+    aux_x, aux_y = to_float(saved.images[saved.aux]), saved.labels[saved.aux]
     tau = TauView.of(model, cfg.flain_layer, aux_x, aux_y)
     counts = candidate_counts(tau.activations, cfg.flain_step)
     order = np.argsort(tau.activations, kind="stable")
-    ev_x, ev_y = images[keep], labels[keep]
+    ev_x, ev_y = saved.images[saved.scored], saved.labels[saved.scored]  # as `flain defend` scores
     triggered = trigger_scheme(cfg).full.stamp(ev_x[ev_y == cfg.source_label])
     w0 = initial[f"{tau.name}.weight"]
     chosen = {}
