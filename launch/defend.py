@@ -54,7 +54,8 @@ def _check_changes(defenses: list[str], overrides: dict[str, Any]) -> None:
     for key in overrides:
         if not changeable(key) and key in default_run_config():
             raise ConfigError(f"{key} is a training setting: it cannot change for a finished run "
-                              "(only flain-* settings and data-dir can); train again with `flain run`")
+                              "(only the flain-* settings, post-defenses, aux-draw, aux-size and data-dir can); "
+                              "train again with `flain run`")
     for name in defenses:
         if name in POST_DEFENSES and POST_DEFENSES[name].needs_clients:
             raise ConfigError(f"post-defenses={name!r} asks the clients for their activation rankings in an "

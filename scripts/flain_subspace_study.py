@@ -1,4 +1,4 @@
-"""The settings grid of the flain-subspace study (issue 27; results in docs/flain-subspace-study.md).
+"""The settings grid of the flain-subspace study (results in docs/flain-subspace-study.md).
 
 For each finished run directory and each `flain-subspace-augment`: the cross-fitted aux drop
 curve once (it does not depend on the tolerance), then for every tolerance of the grid the

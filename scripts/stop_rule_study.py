@@ -1,4 +1,4 @@
-"""The stop-rule study behind `flain-cv` (issue 10; results in docs/stop-rule-study.md).
+"""The stop-rule study behind `flain-cv` (results in docs/stop-rule-study.md).
 
 For each finished run directory: the test ACC/ASR of FLAIN's flipped model along the whole
 flipping order (inputs of tau by ascending clean aux activation, each model rescaled as

@@ -43,6 +43,21 @@ def test_readme_lists_every_key_with_its_default():
     assert "docs/configuration.md" in (SOURCE_ROOT / "README.md").read_text()  # the README points to it
 
 
+def test_the_configuration_page_names_every_registered_choice():
+    """Each registry's names are on the row of the key that chooses them (a new rule or defense
+    without its line on the page fails here)."""
+    import re
+
+    from strategies import POST_DEFENSES
+    from strategies.aggregation import AGGREGATIONS
+
+    page = (SOURCE_ROOT / "docs" / "configuration.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z0-9-]+)` \| [^|]+ \| (.+) \|$", page, re.M))
+    for key, names in (("aggregation", AGGREGATIONS), ("post-defenses", POST_DEFENSES)):
+        missing = [n for n in names if f"`{n}`" not in rows[key]]
+        assert not missing, f"configuration.md's {key} row does not name {missing}"
+
+
 def test_aux_size_default_per_dataset():
     assert aux_size(ExperimentConfig.defaults(dataset="mnist")) == 200
     assert aux_size(ExperimentConfig.defaults(dataset="cifar10")) == 600
