@@ -361,13 +361,27 @@ def _fmt(x: float | None, sd: float | None = None, n: int | None = None) -> str:
     return f"{x:.3f}" + (f" ± {sd:.3f} (n={n})" if sd is not None and n is not None else "")
 
 
+def _tally(data: dict[str, Any]) -> str:
+    """One line: how many published cells are measured, how many within tolerance, how many
+    trainings finished."""
+    published = [c for c in data["cells"] if c["paper"]["asr"] is not None]
+    measured = [c for c in published if c["ours"] is not None]
+    within = sum(bool(c.get("within_tolerance")) for c in measured)
+    line = f"Measured: {len(measured)} of {len(published)} published cells, {within} of them within tolerance."
+    status = data.get("status")
+    if status:
+        done = sum(s in ("reused", "done") for s in status.values())
+        line += f" Trainings finished: {done} of {len(status)}."
+    return line
+
+
 def markdown(data: dict[str, Any]) -> str:
     lines = ["# FLAIN reproduction report", "",
              "Paper: Ding et al., Tables 1-6 (Fig. 5/6 settings only: the paper draws those numbers). Ours: mean ± std "
              f"over seeds. A cell is within tolerance when ASR <= paper + {TOLERANCE['asr']} and ACC >= paper - "
              f"{TOLERANCE['acc']}. Cells with no finished training say \"not run\".", "",
              "Training length (rounds; the data set's default, chosen in docs/fidelity.md): "
-             + ", ".join(f"{d} {r}" for d, r in data.get("rounds", {}).items()) + ".", ""]
+             + ", ".join(f"{d} {r}" for d, r in data.get("rounds", {}).items()) + ".", "", _tally(data), ""]
     tables = sorted({c["table"] for c in data["cells"]}, key=NAMES.index)
     for table in tables:
         lines += [f"## {table}", "", "| dataset | task | partition | clients | MCR | PDR | trigger | defense | paper ASR "

@@ -86,6 +86,7 @@ def test_finished_runs_are_reused_and_the_report_compares(tmp_path, capsys):
     assert by_defense["RLR"]["ours"] is None  # its training did not run
     assert data["trainings"][0]["gap"] == pytest.approx(0.88 - 0.901)
     md = rep.markdown(data)
+    assert "Measured: 3 of 4 published cells, 1 of them within tolerance." in md  # FLAIN; no-Defense ACC 0.88 < 0.891
     assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | RLR | 0.003 | 0.870 | not run |" in md
     assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | Pruning | 0.021 | 0.890 |" in md and "**no**" in md
     assert "| FLAIN-CV (ours) | — | — | 0.000 ± 0.000 (n=1) | 0.870 ± 0.000 (n=1) |" in md
@@ -101,6 +102,7 @@ def test_finished_runs_are_reused_and_the_report_compares(tmp_path, capsys):
     assert main(["reproduce", "table1", "--datasets", "fmnist", "--tasks", "0-5", "--out", str(tmp_path),
                  "--report-only"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
+    assert "Trainings finished: 1 of 2." in (tmp_path / "report.md").read_text()
     assert report["status"] == {fedavg.name: "reused", next(t.name for t in trainings if t is not fedavg): "not run"}
     assert "not run" in (tmp_path / "report.md").read_text() and (tmp_path / "table1.png").is_file()
 
