@@ -332,8 +332,10 @@ def report(trainings: list[Training], out: Path) -> dict[str, Any]:
             c = t.cells[0]
             paper_acc = paper_no_defense.get((c.table, c.dataset, c.task, c.partition, c.clients, c.mcr, c.pdr,
                                               c.trigger))
+            precision = RunDir(run_dir).config().get("resolved", {}).get("precision")  # auto: chosen per CPU
             trainings_out.append({"run": f"runs/{t.name}", "rounds": t.overrides["num-rounds"],
-                                  "seed": t.overrides["seed"], "no_defense_acc": summary["final"]["acc"],
+                                  "seed": t.overrides["seed"], "precision": precision,
+                                  "no_defense_acc": summary["final"]["acc"],
                                   "paper_no_defense_acc": paper_acc,
                                   "gap": None if paper_acc is None else summary["final"]["acc"] - paper_acc})
     cells_out = []
@@ -400,11 +402,15 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{_fmt(c['paper']['acc'])} | " + " | ".join(cols) + " |")
         lines.append("")
     lines += ["## Trainings", "", "Every FedAvg training's no-Defense ACC beside the paper's: a negative gap means our "
-              "training is shorter or weaker than the paper's, not that a defense cost accuracy.", "",
-              "| run | rounds | seed | no-Defense ACC | paper | gap |", "| --- | --- | --- | --- | --- | --- |"]
+              "training is shorter or weaker than the paper's, not that a defense cost accuracy. Precision: what "
+              "`precision=auto` chose on the machine that trained it (bf16 where it was faster); "
+              "`--set precision=fp32` or `bf16` fixes it.", "",
+              "| run | rounds | seed | precision | no-Defense ACC | paper | gap |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in data["trainings"]:
         gap = "" if t["gap"] is None else f"{t['gap']:+.3f}"
-        lines.append(f"| {t['run']} | {t['rounds']} | {t['seed']} | {t['no_defense_acc']:.3f} | "
+        lines.append(f"| {t['run']} | {t['rounds']} | {t['seed']} | {t.get('precision') or '?'} | "
+                     f"{t['no_defense_acc']:.3f} | "
                      f"{_fmt(t['paper_no_defense_acc'])} | {gap} |")
     if data.get("not_counted"):
         lines += ["", "Not counted (the directory holds something other than the training this report needs; "

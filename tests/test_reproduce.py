@@ -62,7 +62,8 @@ def test_one_fedavg_training_serves_three_rows_and_rlr_its_own():
 
 def _fake_run(run_dir, cfg: ExperimentConfig, final, post):
     run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_run_config() | {"run-dir": str(run_dir)}))
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_run_config() | {"run-dir": str(run_dir),
+                                                                           "resolved": {"precision": "fp32"}}))
     (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "final": final, "post_defenses": post}))
 
 
@@ -86,6 +87,7 @@ def test_finished_runs_are_reused_and_the_report_compares(tmp_path, capsys):
     assert by_defense["RLR"]["ours"] is None  # its training did not run
     assert data["trainings"][0]["gap"] == pytest.approx(0.88 - 0.901)
     md = rep.markdown(data)
+    assert f"| runs/{fedavg.name} | 30 | 42 | fp32 | 0.880 | 0.901 | -0.021 |" in md
     assert "Measured: 3 of 4 published cells, 1 of them within tolerance." in md  # FLAIN; no-Defense ACC 0.88 < 0.891
     assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | RLR | 0.003 | 0.870 | not run |" in md
     assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | Pruning | 0.021 | 0.890 |" in md and "**no**" in md
