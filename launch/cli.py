@@ -3,11 +3,14 @@
   flain run [--set key=value ...] [--name NAME] [--overwrite] [--gpu [--gpu-share S]] [--verbose] [--dry-run]
   flain run --resume RUN_DIR [--gpu] [--verbose]
   flain deploy --nodes N [--tls [--superlink-host ADDRESS] [--san NAME ...]] [--set key=value ...]
-  flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL] [--round R]
+               [--name NAME] [--overwrite] [--verbose] [--dry-run]
+  flain defend RUN_DIR [--post-defenses a,b] [--set key=value ...] [--name LABEL] [--round R] [--overwrite]
   flain defend --model MODULE:FUNCTION --initial W0.pt --final W.pt --aux AUX --out DIR [--test T] [--triggered T]
-  flain reproduce NAME[,NAME] [--datasets a,b] [--tasks 0-5,0-6] [--seeds N] [--out DIR] [--jobs K] [--dry-run] | --list
+               [--post-defenses a,b] [--set key=value ...] [--overwrite]
+  flain reproduce NAME[,NAME] [--datasets a,b] [--tasks 0-5,0-6] [--seeds N] [--set key=value ...] [--out DIR]
+                  [--jobs K] [--gpu] [--dry-run | --report-only] | --list
   flain data fetch NAME [--data-dir DIR]
-  flain triggers [--dataset NAME] [--out FILE.png]
+  flain triggers [--dataset NAME] [--data-dir DIR] [--out FILE.png]
   flain table RUN_DIR [RUN_DIR ...]
   flain compose [--nodes N] [--out docker-compose.yml] [--certs DIR [--san NAME ...]]
   flain compose --nodes N --superlink HOST:PORT [--first-partition K --num-partitions P] [--out FILE]
@@ -401,9 +404,11 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if args.superlink is None and (args.first_partition or partitions != args.nodes):
         raise ConfigError("--first-partition and --num-partitions share the partitions out between machines: "
                           "they need --superlink (this file's SuperNodes join a SuperLink elsewhere)")
+    if args.san and args.superlink is not None:
+        raise ConfigError("--san names hosts in the SuperLink's certificate: a SuperNodes-only file (--superlink) "
+                          "takes none; give --san to `flain compose --certs DIR` on the SuperLink's machine")
     if args.san and not args.certs:
-        raise ConfigError("--san names hosts in the SuperLink's certificate: it needs --certs (the SuperLink's "
-                          "machine makes the certificate; SuperNodes elsewhere only dial it)")
+        raise ConfigError("--san names hosts in the SuperLink's certificate: it needs --certs DIR")
     if args.superlink is not None and args.certs:
         raise ConfigError("--certs makes a new CA, which the SuperLink elsewhere does not trust: copy its ca.crt "
                           "and these partitions' node keys from the SuperLink's certs/ instead")

@@ -88,7 +88,7 @@ def aux_indices(run: RunDir, run_config: dict[str, Any], cfg: ExperimentConfig, 
     return np.sort(np.random.default_rng(cfg.seed).permutation(test_size)[:size]), "np.random.default_rng(seed)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SavedRun:
     """A finished run read back for its post-training stage, as the ServerApp had it: the
     configuration (with the post-training changes), the test split, the aux indices, the
@@ -141,17 +141,17 @@ def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label:
            overwrite: bool = False, rnd: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Apply `defenses` to RUN_DIR's final model, or to its checkpoint of round `rnd`;
     (output directory, its summary)."""
+    if label is None:
+        label = ("+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))).replace("/", "_")
+        label += f"@round-{rnd}" if rnd is not None else ""
+    out = RunDir(run_dir).defended(label).path  # a bad label is refused here, before anything is read
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
     device = pick_device()
     saved = load_saved_run(run_dir, defenses, overrides, rnd, device)
     cfg = saved.config
-    if label is None:
-        label = ("+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))).replace("/", "_")
-        label += f"@{saved.trained_name}" if rnd is not None else ""
-    out = saved.run.defended(label).path
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
-        clear(out)  # all of it (refused if it is not ours)
+        clear(out)  # all of it (refused if it is not ours); only once everything needed is loaded
     evaluator = saved.evaluator(device)
     check = evaluator(saved.trained)  # the run's own no-Defense numbers, re-measured on the same images
     recorder = DefendRecorder(out, {

@@ -161,15 +161,19 @@ def unusable(run_dir: Path, cfg: ExperimentConfig) -> str | None:
         run = RunDir(run_dir)
         config, summary = run.config(), run.summary()
     except RunFileError as e:
-        return str(e)
+        return f"unreadable: {e}"
     if summary.get("status") not in ("completed", "defense-failed"):
-        return f"status {summary.get('status')!r}, not completed"
+        return (f"not finished (status {summary.get('status')!r}): still running, stopped or failed; "
+                "a sweep without --report-only trains it again from the start")
     want = {k: v for k, v in cfg.to_run_config().items()
             if k not in _IDENTITY_SKIP and not k.startswith(("flain-", "fedpruning-"))}  # post-training settings
     # keys newer than the run (absent from its config.json) had the value they had then
     then = default_run_config() | BEFORE_THE_KEY
     differ = [f"{k} {config.get(k, then[k])!r}, not {v!r}" for k, v in want.items() if config.get(k, then[k]) != v]
-    return "another configuration: " + "; ".join(differ) if differ else None
+    if differ:
+        return ("another configuration: " + "; ".join(differ)
+                + " (a sweep without --report-only trains this report's in its place)")
+    return None
 
 
 def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
@@ -332,7 +336,8 @@ def report(trainings: list[Training], out: Path) -> dict[str, Any]:
             c = t.cells[0]
             paper_acc = paper_no_defense.get((c.table, c.dataset, c.task, c.partition, c.clients, c.mcr, c.pdr,
                                               c.trigger))
-            precision = RunDir(run_dir).config().get("resolved", {}).get("precision")  # auto: chosen per CPU
+            resolved_settings = RunDir(run_dir).config().get("resolved")
+            precision = resolved_settings.get("precision") if isinstance(resolved_settings, dict) else None
             trainings_out.append({"run": f"runs/{t.name}", "rounds": t.overrides["num-rounds"],
                                   "seed": t.overrides["seed"], "precision": precision,
                                   "no_defense_acc": summary["final"]["acc"],
@@ -382,7 +387,7 @@ def markdown(data: dict[str, Any]) -> str:
              "Paper: Ding et al., Tables 1-6 (Fig. 5/6 settings only: the paper draws those numbers). Ours: mean ± std "
              f"over seeds. A cell is within tolerance when ASR <= paper + {TOLERANCE['asr']} and ACC >= paper - "
              f"{TOLERANCE['acc']}. Cells with no finished training say \"not run\".", "",
-             "Training length (rounds; the data set's default, chosen in docs/fidelity.md): "
+             "Training length (rounds; each data set's default: docs/fidelity.md measured Fashion-MNIST's and MNIST's): "
              + ", ".join(f"{d} {r}" for d, r in data.get("rounds", {}).items()) + ".", "", _tally(data), ""]
     tables = sorted({c["table"] for c in data["cells"]}, key=NAMES.index)
     for table in tables:
@@ -413,8 +418,8 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{t['no_defense_acc']:.3f} | "
                      f"{_fmt(t['paper_no_defense_acc'])} | {gap} |")
     if data.get("not_counted"):
-        lines += ["", "Not counted (the directory holds something other than the training this report needs; "
-                  "`flain reproduce` without `--report-only` replaces it):", ""]
+        lines += ["", "Not counted (a directory of this report's trainings that holds no finished training of "
+                  "the report's configuration):", ""]
         lines += [f"- {n['run']}: {n['why']}" for n in data["not_counted"]]
     return "\n".join(lines) + "\n"
 

@@ -121,10 +121,17 @@ def test_a_run_of_another_configuration_is_not_reported_as_this_one(tmp_path):
               {"flain": {"acc": 0.895, "asr": 0.01}})
     data = rep.report(trainings, tmp_path)
     assert all(c["ours"] is None for c in data["cells"]) and data["trainings"] == []
-    assert data["not_counted"] == [{"run": f"runs/{fedavg.name}",
-                                    "why": f"another configuration: num-rounds 10, not {cfg.num_rounds}"}]
+    (entry,) = data["not_counted"]
+    assert entry["run"] == f"runs/{fedavg.name}"
+    assert entry["why"].startswith(f"another configuration: num-rounds 10, not {cfg.num_rounds} (")
     md = rep.markdown(data)
     assert f"- runs/{fedavg.name}: another configuration: num-rounds 10, not {cfg.num_rounds}" in md
+    # a training of the right configuration that has not finished is not counted either
+    (tmp_path / "runs" / fedavg.name / "summary.json").write_text(json.dumps({"status": "running"}))
+    (tmp_path / "runs" / fedavg.name / "config.json").write_text(json.dumps(cfg.to_run_config()))
+    data = rep.report(trainings, tmp_path)
+    assert all(c["ours"] is None for c in data["cells"])
+    assert data["not_counted"][0]["why"].startswith("not finished (status 'running')")
     assert "| fmnist | (0,5) | iid | 10 | 0.4 | 0.3 | cba | FLAIN | 0.000 | 0.900 | not run |" in md
 
 

@@ -297,3 +297,24 @@ def test_run_dir_reads_back_what_the_recorder_wrote(tmp_path):
     assert RunDir(tmp_path / "nothing").status() == "missing"
     with pytest.raises(RunFileError, match="no such file"):
         RunDir(tmp_path / "nothing").summary()
+
+
+def test_defend_refuses_before_it_reads_or_clears_anything(tmp_path):
+    """`flain defend` on a run with an earlier result: without --overwrite the refusal comes first
+    (the data directory is empty, so any loading would fail differently); with --overwrite a missing
+    initial.pt is refused and the earlier result is still there."""
+    from launch.defend import defend
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = ExperimentConfig.defaults(data_dir=str(tmp_path / "no-data"))
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_run_config() | {"run-dir": str(run_dir)}))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "final": {"acc": 0.9, "asr": 0.9}}))
+    earlier = run_dir / "defended" / "flain-cv" / "summary.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    with pytest.raises(ConfigError, match="already holds results"):
+        defend(run_dir, ["flain-cv"], {}, None)
+    with pytest.raises(ConfigError, match="has no initial.pt"):
+        defend(run_dir, ["flain-cv"], {}, None, overwrite=True)
+    assert earlier.read_text() == "{}"

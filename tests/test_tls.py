@@ -52,7 +52,8 @@ def test_compose_and_deploy_refuse_what_cannot_work(flain_cli, tmp_path):
              (("compose", "--nodes", "2", "--num-partitions", "4", "--out", out), "they need --superlink"),
              (("compose", "--superlink", "h.example:9090", "--certs", str(tmp_path / "c"), "--out", out),
               "does not trust"),
-             (("compose", "--superlink", "h.example:9090", "--san", "h.example", "--out", out), "it needs --certs"),
+             (("compose", "--superlink", "h.example:9090", "--san", "h.example", "--out", out), "takes none"),
+             (("compose", "--san", "h.example", "--out", out), "it needs --certs DIR"),
              (("deploy", "--san", "10.0.0.5", "--dry-run"), "it needs --tls"),
              (("deploy", "--superlink-host", "0.0.0.0", "--dry-run"), "it needs --tls"),
              (("run", "--resume", str(tmp_path / "nowhere")), "is not a flain run directory")]
