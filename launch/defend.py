@@ -145,12 +145,13 @@ def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label:
         label = ("+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))).replace("/", "_")
         label += f"@round-{rnd}" if rnd is not None else ""
     out = RunDir(run_dir).defended(label).path  # a bad label is refused here, before anything is read
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    held = out.exists() and any(out.iterdir())
+    if held and not overwrite:
         raise ConfigError(f"{out} already holds results: choose another --name or pass --overwrite")
     device = pick_device()
     saved = load_saved_run(run_dir, defenses, overrides, rnd, device)
     cfg = saved.config
-    if out.exists() and any(out.iterdir()):
+    if held:
         clear(out)  # all of it (refused if it is not ours); only once everything needed is loaded
     evaluator = saved.evaluator(device)
     check = evaluator(saved.trained)  # the run's own no-Defense numbers, re-measured on the same images
