@@ -3,6 +3,7 @@ markdown comparison (the paper's rows: FedAvg = no-Defense, FedAvg + FLAIN = FLA
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,31 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         summary = RunDir(run_dir).summary(("status",))
     except RunFileError as exc:
         raise NotARunDirectory(f"not a run directory: {exc}") from None
-    if not _result(summary.get("final")):
+    odd = [k for k in ("dataset", "aggregation") if not _name(config[k])]
+    if odd:
+        raise NotARunDirectory(f"{RunDir(run_dir).config_file}: {', '.join(odd)} not a name of ours")
+    if "final" not in summary:
         raise NotARunDirectory(f"{run_dir} holds no finished training (status {summary['status']!r})")
-    bad = [name for name, res in _dict(summary.get("post_defenses")).items()
-           if not isinstance(res, dict) or ("acc" in res and not _result(res))]
-    if bad or not isinstance(summary.get("post_defenses", {}), dict):
-        raise NotARunDirectory(f"{RunDir(run_dir).summary_file}: post_defenses {bad or ''} are not results of ours")
+    if not _result(summary["final"]):
+        raise NotARunDirectory(f"{RunDir(run_dir).summary_file}: final ACC/ASR are not numbers in [0, 1]")
+    check_post_defenses(summary, RunDir(run_dir).summary_file)
     return config, summary
 
 
-def _dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
+def check_post_defenses(summary: dict[str, Any], where: Path) -> None:
+    """A summary's post_defenses, as ours are: {name: {acc, asr in [0, 1], ...} or {error, ...}}."""
+    results = summary.get("post_defenses", {})
+    if not isinstance(results, dict):
+        raise NotARunDirectory(f"{where}: post_defenses is a {type(results).__name__}, not a table of results")
+    bad = [name for name, res in results.items()
+           if not _name(name) or not isinstance(res, dict) or (("acc" in res or "asr" in res) and not _result(res))]
+    if bad:
+        raise NotARunDirectory(f"{where}: post_defenses {', '.join(map(repr, bad))} are not results of ours")
+
+
+def _name(value: Any) -> bool:
+    """A registry name (a data set, a rule, a defense): what our files hold, nothing a table could not show."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value) is not None
 
 
 def _result(value: Any) -> bool:
@@ -79,9 +94,11 @@ def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]
         defended = [("", summary)]
         for d in RunDir(run_dir).defended_results():
             try:
-                defended.append((f" [defend {d.name}]", d.summary(("post_defenses",))))
+                results = d.summary(("post_defenses",))
             except RunFileError as exc:
                 raise NotARunDirectory(str(exc)) from None
+            check_post_defenses(results, d.summary_file)
+            defended.append((f" [defend {d.name}]", results))
         for mark, results in defended:  # the run's own defenses, then `flain defend`'s
             for name, res in results.get("post_defenses", {}).items():
                 if "acc" in res:
@@ -92,6 +109,7 @@ def comparison_rows(run_dirs: list[Path]) -> list[tuple[str, str, float, float]]
 
 
 def markdown_table(rows: list[tuple[str, str, float, float]]) -> str:
+    cell = lambda text: " ".join(text.split()).replace("|", "\\|")  # noqa: E731 - a directory name is anyone's
     lines = ["| run | defense | ASR | ACC |", "| --- | --- | --- | --- |"]
-    lines += [f"| {run} | {label} | {asr:.3f} | {acc:.3f} |" for run, label, acc, asr in rows]
+    lines += [f"| {cell(run)} | {cell(label)} | {asr:.3f} | {acc:.3f} |" for run, label, acc, asr in rows]
     return "\n".join(lines)

@@ -328,6 +328,8 @@ def read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
         raise RunFileError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise RunFileError(f"{path}: not readable JSON ({exc})") from None
+    except RecursionError:  # nesting deeper than the decoder's stack: nothing we wrote
+        raise RunFileError(f"{path}: not readable JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise RunFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
     missing = [k for k in required if k not in data]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from experiment.config import ConfigError, ExperimentConfig
-from launch.tables import NotARunDirectory, read_run
+from launch.tables import NotARunDirectory, comparison_rows, markdown_table, read_run
 from server.results import (RunFileError, atomic_text, atomic_write, check_name, clear, end_status,
                             load_state, mark, read_aux, read_json, save_state, write_summary)
 
@@ -210,7 +210,16 @@ def test_a_pickled_aux_file_is_refused(tmp_path):
 @pytest.mark.parametrize("summary, fragment", [
     ("[1, 2]", "expected a JSON object"),
     ("{not json", "not readable JSON"),
-    ('{"status": "completed", "final": {"acc": "high", "asr": 0}}', "holds no finished training"),
+    ('{"status": "completed", "final": {"acc": "high", "asr": 0}}', "final ACC/ASR are not numbers in"),
+    ('{"status": "completed", "final": {"acc": NaN, "asr": 0}}', "final ACC/ASR are not numbers in"),
+    ('{"status": "running"}', "holds no finished training"),
+    ("[" * 100_000, "nested too deeply"),
+    ('{"status": "completed", "final": {"acc": 0.9, "asr": 0.1}, "post_defenses": [1]}',
+     "post_defenses is a list"),
+    ('{"status": "completed", "final": {"acc": 0.9, "asr": 0.1}, "post_defenses": {"flain": {"acc": 0.5}}}',
+     "are not results of ours"),
+    ('{"status": "completed", "final": {"acc": 0.9, "asr": 0.1}, "post_defenses": {"| x\\n| y": {"acc": 0.5, "asr": 0}}}',
+     "are not results of ours"),
     ('{"status": "completed", "final": {"acc": 0.9, "asr": 0.1}, "post_defenses": {"flain": 3}}',
      "are not results of ours"),
     ('{"final": {"acc": 0.9, "asr": 0.1}}', "no status"),
@@ -222,6 +231,46 @@ def test_flain_table_on_a_summary_that_is_not_ours_is_one_line(tmp_path, flain_c
         read_run(tmp_path)
     out = flain_cli("table", str(tmp_path))
     assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def _finished_run(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"dataset": "fmnist", "aggregation": "fedavg"}))
+    (path / "summary.json").write_text(json.dumps({"status": "completed", "final": {"acc": 0.9, "asr": 0.8},
+                                                   "post_defenses": {"flain": {"acc": 0.85, "asr": 0.0}}}))
+    return path
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"dataset": "fmnist", "aggregation": ["x"]}, "aggregation not a name of ours"),
+    ({"dataset": 1, "aggregation": "fedavg"}, "dataset not a name of ours"),
+])
+def test_a_config_that_is_not_ours_is_refused_by_name(tmp_path, config, fragment):
+    _finished_run(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotARunDirectory, match=fragment):
+        comparison_rows([tmp_path])
+
+
+@pytest.mark.parametrize("defended, fragment", [
+    ({"post_defenses": {"flain": {"acc": "a", "asr": 2}}}, "are not results of ours"),
+    ({"post_defenses": [1]}, "post_defenses is a list"),
+    ({"post_defenses": {"flain": {"acc": 0.5}}}, "are not results of ours"),
+    ({"nothing": 1}, "no post_defenses"),
+])
+def test_a_corrupt_flain_defend_result_is_refused_by_name(tmp_path, defended, fragment):
+    run = _finished_run(tmp_path / "run")
+    (run / "defended" / "x").mkdir(parents=True)
+    (run / "defended" / "x" / "summary.json").write_text(json.dumps(defended))
+    with pytest.raises(NotARunDirectory, match=fragment):
+        comparison_rows([run])
+
+
+def test_a_run_directory_name_cannot_break_the_markdown_table(tmp_path):
+    run = _finished_run(tmp_path / "a|b c")
+    table = markdown_table(comparison_rows([run]))
+    assert table.splitlines()[2:] == ["| a\\|b c | no-Defense | 0.800 | 0.900 |",
+                                      "| a\\|b c | FLAIN | 0.000 | 0.850 |"]
 
 
 # ---- settings ----------------------------------------------------------------------------------------
