@@ -82,6 +82,34 @@ def _writable(key: str, path: Path) -> None:
         raise ConfigError(f"{key}='{path}' cannot be written: {exc.strerror or exc} in {existing}") from None
 
 
+def _output_file(key: str, path: Path) -> None:
+    """`path` can be written as a file: not a directory, in a directory that exists and is writable."""
+    if path.is_dir():
+        raise ConfigError(f"{key} '{path}' is a directory: give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{key} '{path}' cannot be written: {path.parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key} '{path}' cannot be written: {exc.strerror or exc} in {path.parent}") from None
+
+
+MAX_SEEDS = 100  # `flain reproduce --seeds`: each is one more training per cell
+MAX_NODES = 1000  # SuperNodes on one machine or in one compose file: beyond it, a typo, not a plan
+
+
+def _host_port(text: str) -> bool:
+    """HOST:PORT with a host name or address (letters, digits, dots, hyphens) and a port 1..65535."""
+    match = re.fullmatch(r"([A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?):(\d{1,5})", text)
+    return match is not None and ".." not in match[1] and 1 <= int(match[2]) <= 65535
+
+
+def _check_nodes(nodes: int) -> None:
+    if not 1 <= nodes <= MAX_NODES:
+        raise ConfigError(f"--nodes {nodes} is not allowed: must be 1..{MAX_NODES}")
+
+
 def check_paths(cfg: ExperimentConfig, overwrite: bool) -> None:
     """The run directory can be written and holds nothing of anyone else's: an earlier run of
     ours only with `overwrite` (it is then deleted whole), other files never. The data
@@ -127,7 +155,10 @@ def _prepare(args: argparse.Namespace, **forced: Any) -> ExperimentConfig | int:
                               "it takes no --set, --name or --overwrite")
         cfg = resumed_config(Path(args.resume))
     else:
-        cfg = resolve(parse_overrides(args.set) | forced, args.name)
+        overrides = parse_overrides(args.set) | forced
+        if args.name is not None and overrides.get("run-dir"):
+            raise ConfigError("--name and --set run-dir both say where the run goes: give one")
+        cfg = resolve(overrides, args.name)
         check_paths(cfg, args.overwrite)
     if args.dry_run:
         print(json.dumps(cfg.to_run_config(), indent=2))
@@ -208,6 +239,8 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
 def cmd_run(args: argparse.Namespace) -> int:
     if args.gpu_share is not None and not 0 < args.gpu_share <= 1:
         raise ConfigError(f"--gpu-share {args.gpu_share} is not allowed: must satisfy 0 < value <= 1")
+    if args.gpu_share is not None and not args.gpu:
+        raise ConfigError("--gpu-share is the share of the GPU each client gets: it needs --gpu")
     cfg = _prepare(args)
     if isinstance(cfg, int):
         return cfg
@@ -233,8 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    if args.nodes < 1:
-        raise ConfigError(f"--nodes {args.nodes} is not allowed: must be >= 1")
+    _check_nodes(args.nodes)
     if args.san and not args.tls:
         raise ConfigError("--san names the certificate's hosts: it needs --tls")
     if args.superlink_host not in ("127.0.0.1", "localhost", "::1") and not args.tls:
@@ -270,6 +302,9 @@ def cmd_triggers(args: argparse.Namespace) -> int:
 
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown data set {args.dataset!r}; choose one of {sorted(DATASETS)}")
+    out = Path(args.out)
+    out = out if out.suffix else out.with_suffix(".png")  # what matplotlib would write: the message says so
+    _output_file("--out", out)
     spec = DATASETS[args.dataset]
     try:
         images, labels = load(args.dataset, str(Path(args.data_dir).resolve()), False)
@@ -277,7 +312,7 @@ def cmd_triggers(args: argparse.Namespace) -> int:
     except DataUnavailable:  # still show the geometry, on a mid-grey image
         image = torch.full(spec.shape, 96, dtype=torch.uint8)
         title = f"{args.dataset} (data set not available: patterns on a grey image)"
-    out = draw(image, title, Path(args.out))
+    out = draw(image, title, out)
     print(f"flain: wrote {out}")
     return 0
 
@@ -294,6 +329,8 @@ EXTERNAL = ("model", "initial", "final", "aux", "out", "test", "triggered")  # `
 def cmd_defend(args: argparse.Namespace) -> int:
     """Post-training defenses on a finished run's saved models, or on any saved model, without retraining."""
     overrides = parse_overrides(args.set)
+    if "post-defenses" in overrides:
+        raise ConfigError("flain defend takes its defenses from --post-defenses, not from --set post-defenses")
     defenses = [n.strip() for n in args.post_defenses.split(",") if n.strip()]
     if args.model or args.run_dir is None:
         return _defend_external(args, defenses, overrides)
@@ -347,13 +384,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from launch import reproduce as rep
 
     if args.list:
+        if args.name:
+            raise ConfigError("--list prints every NAME: it takes none")
         print(rep.listing())
         return 0
     if not args.name:
         raise ConfigError(f"give NAME (one of {[*rep.NAMES, 'all']}) or --list")
+    if args.dry_run and args.report_only:
+        raise ConfigError("--dry-run writes nothing, --report-only writes the report: give one")
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds {args.seeds} is not allowed: must be >= 1")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds {args.seeds} is not allowed: must be 1..{MAX_SEEDS} (each seed is a training per cell)")
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs} is not allowed: must be >= 1")
     extra = parse_overrides(args.set)
@@ -364,6 +405,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     trainings = rep.plan(cells, args.seeds, extra)
     configs = {t.name: rep.resolved(t) for t in trainings}  # every training checked before any starts
     out = Path(args.out)
+    _writable("--out", out)
     if args.dry_run:
         for t in trainings:
             state = "reused" if rep.finished(out / "runs" / t.name, configs[t.name]) else "to run"
@@ -371,7 +413,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"{len(cells)} cells, {len(trainings)} trainings")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    if trainings:
+    if trainings and not args.report_only:  # --report-only starts nothing (a missing defense needs the data there)
         fetch(configs[trainings[0].name].dataset, configs[trainings[0].name].data_dir)
     try:
         status = rep.sweep(trainings, out, args.jobs, args.gpu, run=not args.report_only)
@@ -389,18 +431,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_compose(args: argparse.Namespace) -> int:
     """Write docker-compose.yml (and the certificates and node keys it mounts)."""
-    from launch.compose import compose_yaml
+    from launch.compose import COMPOSE_HEADER, compose_yaml
     from launch.tls import make_node_key, make_tls
     from launch.versions import flwr_pin
 
-    if args.nodes < 1:
-        raise ConfigError(f"--nodes {args.nodes} is not allowed: must be >= 1")
+    _check_nodes(args.nodes)
     partitions = args.num_partitions or args.nodes
     if not 0 <= args.first_partition or args.first_partition + args.nodes > partitions:
         raise ConfigError(f"--first-partition {args.first_partition} with --nodes {args.nodes} does not fit "
                           f"--num-partitions {partitions}: partitions are 0..{partitions - 1}")
-    if args.superlink is not None and not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}", args.superlink):
-        raise ConfigError(f"--superlink {args.superlink!r} is not HOST:PORT")
+    if args.superlink is not None and not _host_port(args.superlink):
+        raise ConfigError(f"--superlink {args.superlink!r} is not HOST:PORT (a host name or address, a port 1..65535)")
     if args.superlink is None and (args.first_partition or partitions != args.nodes):
         raise ConfigError("--first-partition and --num-partitions share the partitions out between machines: "
                           "they need --superlink (this file's SuperNodes join a SuperLink elsewhere)")
@@ -416,13 +457,19 @@ def cmd_compose(args: argparse.Namespace) -> int:
         hosts = certificate_hosts(*args.san)
     except ValueError as exc:
         raise ConfigError(f"--san: {exc}") from None
+    out = Path(args.out)
+    _output_file("--out", out)
+    if out.is_file() and out.stat().st_size and not out.read_text(errors="replace").startswith(
+            COMPOSE_HEADER.splitlines()[0]):
+        raise ConfigError(f"--out '{out}' holds a file that `flain compose` did not write: choose another name")
     if args.certs:  # first: a certificate that cannot be made leaves no compose file behind
         certs = Path(args.certs)
+        _writable("--certs", certs)
         make_tls(certs, hosts)
         for i in range(args.nodes):
             make_node_key(certs, f"node{i}")
         print(f"flain: wrote a throwaway CA, the SuperLink's certificate and {args.nodes} node keys to {certs}/")
-    Path(args.out).write_text(compose_yaml(args.nodes, flwr_pin(), superlink=args.superlink,
+    atomic_text(out, compose_yaml(args.nodes, flwr_pin(), superlink=args.superlink,
                                            first=args.first_partition, partitions=partitions))
     print(f"flain: wrote {args.out} ({args.nodes} SuperNodes"
           + (f", joining the SuperLink at {args.superlink})" if args.superlink else ")"))

@@ -12,6 +12,8 @@ and is refused.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,7 +129,9 @@ def load_saved_run(run_dir: Path, defenses: list[str], overrides: dict[str, Any]
                               "(train with --set checkpoint-every=K)")
     for name in ("initial", "final") if rnd is None else ("initial",):  # a checkpoint needs no finished run
         if not run.model_file(name).is_file():
-            raise ConfigError(f"{run_dir} has no {name}.pt: the run did not finish training")
+            why = ("its models were not kept (only config.json, summary.json and rounds.csv are here)"
+                   if run.finished() else "the run did not finish training")
+            raise ConfigError(f"{run_dir} has no {name}.pt: {why}")
     images, labels = load(cfg.dataset, cfg.data_dir, train=False)
     aux_idx, source = aux_indices(run, run_config, cfg, labels.numpy(), overrides)
     scored = np.zeros(len(labels), dtype=bool)
@@ -137,13 +141,23 @@ def load_saved_run(run_dir: Path, defenses: list[str], overrides: dict[str, Any]
                     run.load_model("final", like, device, rnd=rnd), "final" if rnd is None else f"round-{rnd}")
 
 
+def automatic_label(defenses: list[str], overrides: dict[str, Any], rnd: int | None) -> str:
+    """The result's directory name without --name: the defenses and the changed settings (not
+    where the data live), as one safe path component."""
+    label = "+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()) if k != "data-dir")
+    label = re.sub(r"[^A-Za-z0-9_.,=+@-]", "_", label) + (f"@round-{rnd}" if rnd is not None else "")
+    if len(label) > 120:  # still one name per setting: a digest of the whole stands for the tail
+        label = label[:100] + "~" + hashlib.sha256(label.encode()).hexdigest()[:12]
+    return label
+
+
 def defend(run_dir: Path, defenses: list[str], overrides: dict[str, Any], label: str | None,
            overwrite: bool = False, rnd: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Apply `defenses` to RUN_DIR's final model, or to its checkpoint of round `rnd`;
     (output directory, its summary)."""
+    _check_changes(defenses, overrides)
     if label is None:
-        label = ("+".join(defenses) + "".join(f",{k}={v}" for k, v in sorted(overrides.items()))).replace("/", "_")
-        label += f"@round-{rnd}" if rnd is not None else ""
+        label = automatic_label(defenses, overrides, rnd)
     out = RunDir(run_dir).defended(label).path  # a bad label is refused here, before anything is read
     held = out.exists() and any(out.iterdir())
     if held and not overwrite:

@@ -45,12 +45,12 @@ class RunFileError(ValueError):
 
 def check_name(name: str, what: str = "--name") -> str:
     """`name` if it is one safe path component: not empty, no `/` or `\\`, not `.` or `..`,
-    no control characters, at most 200 characters (RunFileError otherwise)."""
-    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or len(name) > 200
+    no control characters, at most 200 bytes in UTF-8 (file systems count bytes; RunFileError otherwise)."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or len(name.encode("utf-8", "replace")) > 200
            or any(ord(c) < 32 or ord(c) == 127 for c in name) or name != name.strip())
     if bad:
         raise RunFileError(f"{what} {name!r} is not allowed: one directory name, without '/', '\\', "
-                           "control characters or surrounding spaces, not '.' or '..'")
+                           "control characters or surrounding spaces, not '.' or '..', at most 200 bytes")
     return name
 
 
