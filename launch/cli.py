@@ -470,7 +470,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
             make_node_key(certs, f"node{i}")
         print(f"flain: wrote a throwaway CA, the SuperLink's certificate and {args.nodes} node keys to {certs}/")
     atomic_text(out, compose_yaml(args.nodes, flwr_pin(), superlink=args.superlink,
-                                           first=args.first_partition, partitions=partitions))
+                                  first=args.first_partition, partitions=partitions))
+    out.chmod(0o644)  # a file to read and copy to the other machines, not a secret (the keys are in --certs)
     print(f"flain: wrote {args.out} ({args.nodes} SuperNodes"
           + (f", joining the SuperLink at {args.superlink})" if args.superlink else ")"))
     return 0
