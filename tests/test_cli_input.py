@@ -73,6 +73,7 @@ def test_compose_rewrites_its_own_file_and_nothing_else(scratch, capsys):
     assert main(["compose", "--nodes", "2", "--out", "c.yml"]) == 0
     assert main(["compose", "--nodes", "3", "--out", "c.yml"]) == 0  # regenerating is the point of it
     assert "supernode-2:" in (scratch / "c.yml").read_text()
+    assert (scratch / "c.yml").stat().st_mode & 0o777 == 0o644  # read on, and copied to, other machines
     assert main(["compose", "--nodes", "2", "--out", "afile"]) == 2
     assert (scratch / "afile").read_text() == "mine\n"
 
