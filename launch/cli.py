@@ -267,6 +267,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     _check_nodes(args.nodes)
+    if not args.superlink_host.strip():
+        raise ConfigError("--superlink-host is empty: give the address the SuperLink listens on (default 127.0.0.1)")
     if args.san and not args.tls:
         raise ConfigError("--san names the certificate's hosts: it needs --tls")
     if args.superlink_host not in ("127.0.0.1", "localhost", "::1") and not args.tls:
@@ -436,6 +438,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from launch.versions import flwr_pin
 
     _check_nodes(args.nodes)
+    if args.num_partitions < 0 or args.first_partition < 0:
+        raise ConfigError("--num-partitions and --first-partition count partitions: they cannot be negative")
     partitions = args.num_partitions or args.nodes
     if not 0 <= args.first_partition or args.first_partition + args.nodes > partitions:
         raise ConfigError(f"--first-partition {args.first_partition} with --nodes {args.nodes} does not fit "

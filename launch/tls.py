@@ -33,7 +33,7 @@ def certificate_hosts(*extra: str) -> tuple[str, ...]:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            if not _DNS_NAME.fullmatch(host):
+            if not _DNS_NAME.fullmatch(host) or re.fullmatch(r"[0-9.]+", host):  # 999.1.1.1: no address, no name
                 raise ValueError(f"{host!r} is not a host name (ASCII letters, digits, '-' and '.') or an IP "
                                  "address for the certificate") from None
     return tuple(dict.fromkeys(hosts))
