@@ -463,3 +463,6 @@ def check(cfg: ExperimentConfig) -> None:
             f"data ({spec.train_size} {cfg.dataset} training images): allowed num-clients <= "
             f"{int(spec.train_size * cfg.train_fraction)}"
         )
+    if cfg.checkpoint_every > num_rounds(cfg):
+        raise ConfigError(f"checkpoint-every={cfg.checkpoint_every} is more than the run's {num_rounds(cfg)} rounds: "
+                          "no checkpoint would be saved; allowed 0 (none) or 1..num-rounds")

@@ -50,6 +50,7 @@ CASES = [
     (["deploy", "--tls", "--superlink-host", "999.1.1.1", "--dry-run"], "'999.1.1.1' is not a host name"),
     (["compose", "--nodes", "3", "--superlink", "h:9092", "--num-partitions", "-5", "--out", "c.yml"],
      "cannot be negative"),
+    (["run", "--set", "checkpoint-every=31", "--dry-run"], "checkpoint-every=31 is more than the run's 30 rounds"),
     (["run", "--gpu-share", "0.5", "--dry-run"], "--gpu-share is the share of the GPU each client gets: it needs --gpu"),
     (["run", "--name", "foo", "--set", "run-dir=elsewhere", "--dry-run"], "--name and --set run-dir"),
     (["run", "--name", "é" * 150, "--dry-run"], "at most 200 bytes"),
