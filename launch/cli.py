@@ -95,6 +95,7 @@ def _output_file(key: str, path: Path) -> None:
         raise ConfigError(f"{key} '{path}' cannot be written: {exc.strerror or exc} in {path.parent}") from None
 
 
+CERT_FILES = re.compile(r"ca\.crt|server\.pem|server\.key|node\d+(\.pub)?")  # what compose --certs writes
 MAX_SEEDS = 100  # `flain reproduce --seeds`: each is one more training per cell
 MAX_NODES = 1000  # SuperNodes on one machine or in one compose file: beyond it, a typo, not a plan
 
@@ -469,6 +470,10 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if args.certs:  # first: a certificate that cannot be made leaves no compose file behind
         certs = Path(args.certs)
         _writable("--certs", certs)
+        foreign = sorted(p.name for p in certs.iterdir() if not CERT_FILES.fullmatch(p.name)) if certs.is_dir() else []
+        if foreign:
+            raise ConfigError(f"--certs '{certs}' holds files `flain compose` does not write ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}): give a new or empty directory")
         make_tls(certs, hosts)
         for i in range(args.nodes):
             make_node_key(certs, f"node{i}")

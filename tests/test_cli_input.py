@@ -40,6 +40,7 @@ CASES = [
     (["compose", "--out", "nodir/c.yml"], "nodir is not a directory"),
     (["compose", "--out", "afile"], "holds a file that `flain compose` did not write"),
     (["compose", "--certs", "afile", "--out", "c.yml"], "--certs='afile' cannot be used: afile is a file"),
+    (["compose", "--certs", ".", "--out", "c.yml"], "holds files `flain compose` does not write (afile, emptydir, run)"),
     (["compose", "--certs", "certs", "--out", "emptydir"], "--out 'emptydir' is a directory"),
     (["compose", "--nodes", "10000", "--out", "c.yml"], "--nodes 10000 is not allowed: must be 1..1000"),
     (["compose", "--nodes", "2", "--superlink", "host:99999", "--out", "c.yml"], "is not HOST:PORT"),
@@ -81,6 +82,13 @@ def test_compose_rewrites_its_own_file_and_nothing_else(scratch, capsys):
     assert (scratch / "c.yml").stat().st_mode & 0o777 == 0o644  # read on, and copied to, other machines
     assert main(["compose", "--nodes", "2", "--out", "afile"]) == 2
     assert (scratch / "afile").read_text() == "mine\n"
+
+
+def test_compose_certs_rewrites_its_own_directory(scratch, capsys):
+    assert main(["compose", "--nodes", "2", "--certs", "certs", "--out", "c.yml"]) == 0
+    assert sorted(p.name for p in (scratch / "certs").iterdir()) == [
+        "ca.crt", "node0", "node0.pub", "node1", "node1.pub", "server.key", "server.pem"]
+    assert main(["compose", "--nodes", "2", "--certs", "certs", "--out", "c.yml"]) == 0
 
 
 def test_triggers_says_the_file_it_wrote(scratch, capsys):
