@@ -40,7 +40,7 @@ from experiment.data import DATASETS, DataUnavailable, fetch, num_rounds, presen
 from launch.tables import NotARunDirectory, comparison_rows, format_table, markdown_table, read_run
 from server.checks import check_experiment
 from launch.superlink import RunFailed
-from launch.tls import certificate_hosts
+from launch.tls import CERT_FILES, certificate_hosts
 from server.results import RunDir, RunFileError, atomic_text, check_name, clear, end_status, ours
 
 EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_DEFENSE_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
@@ -75,11 +75,16 @@ def _writable(key: str, path: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"{key}='{path}' cannot be used: {existing} is a file, not a directory")
+    _probe(f"{key}='{path}'", existing)
+
+
+def _probe(what: str, folder: Path) -> None:
+    """A throwaway file can be made in `folder` (where `what`, the setting and its path, would write)."""
     try:
-        with tempfile.TemporaryFile(dir=existing):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise ConfigError(f"{key}='{path}' cannot be written: {exc.strerror or exc} in {existing}") from None
+        raise ConfigError(f"{what} cannot be written: {exc.strerror or exc} in {folder}") from None
 
 
 def _output_file(key: str, path: Path) -> None:
@@ -88,22 +93,21 @@ def _output_file(key: str, path: Path) -> None:
         raise ConfigError(f"{key} '{path}' is a directory: give a file name")
     if not path.parent.is_dir():
         raise ConfigError(f"{key} '{path}' cannot be written: {path.parent} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{key} '{path}' cannot be written: {exc.strerror or exc} in {path.parent}") from None
+    _probe(f"{key} '{path}'", path.parent)
 
 
-CERT_FILES = re.compile(r"ca\.crt|server\.pem|server\.key|node\d+(\.pub)?")  # what compose --certs writes
 MAX_SEEDS = 100  # `flain reproduce --seeds`: each is one more training per cell
 MAX_NODES = 1000  # SuperNodes on one machine or in one compose file: beyond it, a typo, not a plan
 
 
 def _host_port(text: str) -> bool:
-    """HOST:PORT with a host name or address (letters, digits, dots, hyphens) and a port 1..65535."""
-    match = re.fullmatch(r"([A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?):(\d{1,5})", text)
-    return match is not None and ".." not in match[1] and 1 <= int(match[2]) <= 65535
+    """HOST:PORT: a host the certificate check accepts (tls.certificate_hosts) and a port 1..65535."""
+    host, _, port = text.rpartition(":")
+    try:
+        certificate_hosts(host)
+    except ValueError:
+        return False
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _check_nodes(nodes: int) -> None:

@@ -48,6 +48,9 @@ def _san(host: str):
         return x509.DNSName(host)
 
 
+CERT_FILES = re.compile(r"ca\.crt|server\.pem|server\.key|node\d+(\.pub)?")  # what make_tls and make_node_key write
+
+
 def make_tls(folder: Path, hosts: tuple[str, ...] = LOCAL_HOSTS) -> Tls:
     """A self-signed CA and a server certificate for `hosts` (valid for one day)."""
     from cryptography import x509
