@@ -101,8 +101,14 @@ MAX_NODES = 1000  # SuperNodes on one machine or in one compose file: beyond it,
 
 
 def _host_port(text: str) -> bool:
-    """HOST:PORT: a host the certificate check accepts (tls.certificate_hosts) and a port 1..65535."""
+    """HOST:PORT: a host the certificate check accepts (tls.certificate_hosts) and a port 1..65535.
+    An IPv6 address goes in brackets, as gRPC reads it ([::1]:9092): bare, `::1:9092` is itself an
+    address and the port is a guess."""
     host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]") and ":" in host:
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        return False
     try:
         certificate_hosts(host)
     except ValueError:
@@ -450,7 +456,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
         raise ConfigError(f"--first-partition {args.first_partition} with --nodes {args.nodes} does not fit "
                           f"--num-partitions {partitions}: partitions are 0..{partitions - 1}")
     if args.superlink is not None and not _host_port(args.superlink):
-        raise ConfigError(f"--superlink {args.superlink!r} is not HOST:PORT (a host name or address, a port 1..65535)")
+        raise ConfigError(f"--superlink {args.superlink!r} is not HOST:PORT (a host name or address, an IPv6 address in brackets, a port 1..65535)")
     if args.superlink is None and (args.first_partition or partitions != args.nodes):
         raise ConfigError("--first-partition and --num-partitions share the partitions out between machines: "
                           "they need --superlink (this file's SuperNodes join a SuperLink elsewhere)")

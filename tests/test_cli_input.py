@@ -46,6 +46,8 @@ CASES = [
     (["compose", "--nodes", "2", "--superlink", "host:99999", "--out", "c.yml"], "is not HOST:PORT"),
     (["compose", "--nodes", "2", "--superlink", "host:0", "--out", "c.yml"], "is not HOST:PORT"),
     (["compose", "--nodes", "2", "--superlink", "...:9092", "--out", "c.yml"], "is not HOST:PORT"),
+    (["compose", "--nodes", "2", "--superlink", "::1:9092", "--out", "c.yml"], "is not HOST:PORT"),
+    (["compose", "--nodes", "2", "--superlink", "[example.org]:9092", "--out", "c.yml"], "is not HOST:PORT"),
     (["deploy", "--nodes", "0", "--dry-run"], "--nodes 0 is not allowed: must be 1..1000"),
     (["deploy", "--tls", "--superlink-host", "", "--dry-run"], "--superlink-host is empty"),
     (["deploy", "--tls", "--superlink-host", "999.1.1.1", "--dry-run"], "'999.1.1.1' is not a host name"),

@@ -60,3 +60,11 @@ def test_compose_and_deploy_refuse_what_cannot_work(flain_cli, tmp_path):
     for args, message in cases:
         proc = flain_cli(*args)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_compose_takes_a_bracketed_ipv6_superlink(flain_cli, tmp_path):
+    out = tmp_path / "dc.yml"
+    proc = flain_cli("compose", "--nodes", "2", "--superlink", "[2001:db8::5]:9090", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    command = yaml.safe_load(out.read_text())["services"]["supernode-0"]["command"]
+    assert command[command.index("--superlink") + 1] == "[2001:db8::5]:9090"
