@@ -232,11 +232,13 @@ def _execute(cfg: ExperimentConfig, args: argparse.Namespace, federation: dict[s
         raise RunFailed(str(exc)) from None
     print(f"\nflain: finished in {time.perf_counter() - started:.0f}s; results in {run_dir}\n")
     print(format_table(summary))
-    from launch.reproduce import paper_comparison
+    from launch.reproduce import TOLERANCE, paper_comparison
 
     beside = paper_comparison(cfg, summary)
     if beside:
-        print("\nthe paper's numbers for this setting (ASR <= paper + 0.02 and ACC >= paper - 0.01 is within):")
+        asr, acc = TOLERANCE["asr"], TOLERANCE["acc"]
+        print(f"\nthe paper's numbers for this setting (within: ASR <= paper + {asr}, no-Defense's within {asr} "
+              f"either way; ACC >= paper - {acc}):")
         print("\n".join(beside))
         print("why our FLAIN costs more accuracy than the paper's, and what is measured: docs/fidelity.md")
     if summary.get("status") == "defense-failed":

@@ -37,7 +37,15 @@ DEFAULT_SEED = 42  # --seeds N uses 42, 43, ..., 42 + N - 1
 POST_DEFENSES = "flain,flain-cv,pruning"  # every FedAvg training gives these rows
 ROW_SOURCE = {"no-Defense": ("fedavg", None), "Pruning": ("fedavg", "pruning"), "FLAIN": ("fedavg", "flain"),
               "RLR": ("rlr", None), "FLAIN-CV (ours)": ("fedavg", "flain-cv")}
-TOLERANCE = {"asr": 0.02, "acc": 0.01}  # a cell is within: ASR <= paper + 0.02 and ACC >= paper - 0.01
+TOLERANCE = {"asr": 0.02, "acc": 0.01}  # see within_tolerance
+
+
+def within_tolerance(defense: str, asr: float, acc: float, paper_asr: float, paper_acc: float) -> bool:
+    """A defended cell is within when ASR <= paper + 0.02 and ACC >= paper - 0.01 (doing better
+    than published is fine). The no-Defense cell measures the attack itself, so its ASR must be
+    within 0.02 either way: a weaker backdoor than the paper's would make every defense look good."""
+    asr_ok = (abs(asr - paper_asr) if defense == "no-Defense" else asr - paper_asr) <= TOLERANCE["asr"] + 1e-9
+    return asr_ok and acc >= paper_acc - TOLERANCE["acc"] - 1e-9
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ def paper_comparison(cfg: ExperimentConfig, summary: dict[str, Any]) -> list[str
         for name in (c.defense, "FLAIN-CV (ours)") if c.defense == "FLAIN" else (c.defense,):
             mine = ours.get(name)
             if isinstance(mine, dict) and "acc" in mine:
-                within = mine["asr"] <= c.asr + TOLERANCE["asr"] and mine["acc"] >= c.acc - TOLERANCE["acc"]
+                within = within_tolerance(c.defense, mine["asr"], mine["acc"], c.asr, c.acc)
                 lines.append(f"{name:<16} ours ASR {mine['asr']:.3f} ACC {mine['acc']:.3f}   paper's {c.defense} "
                              f"({c.table}) ASR {c.asr:.3f} ACC {c.acc:.3f}   "
                              f"{'within tolerance' if within else 'NOT within tolerance'}")
@@ -355,7 +363,7 @@ def report(trainings: list[Training], out: Path) -> dict[str, Any]:
             entry["ours"] = {"asr": asr, "asr_std": asr_sd, "acc": acc, "acc_std": acc_sd, "seeds": len(values)}
             if cell.asr is not None:
                 entry["diff"] = {"asr": asr - cell.asr, "acc": acc - cell.acc}
-                entry["within_tolerance"] = asr <= cell.asr + TOLERANCE["asr"] and acc >= cell.acc - TOLERANCE["acc"]
+                entry["within_tolerance"] = within_tolerance(cell.defense, asr, acc, cell.asr, cell.acc)
         cells_out.append(entry)
     used = sorted({c.dataset for c in by_cell})
     return {"tolerance": TOLERANCE, "rounds": {d: DATASETS[d].rounds for d in used}, "cells": cells_out,
@@ -386,7 +394,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines = ["# FLAIN reproduction report", "",
              "Paper: Ding et al., Tables 1-6 (Fig. 5/6 settings only: the paper draws those numbers). Ours: mean ± std "
              f"over seeds. A cell is within tolerance when ASR <= paper + {TOLERANCE['asr']} and ACC >= paper - "
-             f"{TOLERANCE['acc']}. Cells with no finished training say \"not run\".", "",
+             f"{TOLERANCE['acc']}; a no-Defense cell (the attack itself) needs its ASR within {TOLERANCE['asr']} "
+             "either way. Cells with no finished training say \"not run\".", "",
              "Training length (rounds; each data set's default: docs/fidelity.md measured Fashion-MNIST's and MNIST's): "
              + ", ".join(f"{d} {r}" for d, r in data.get("rounds", {}).items()) + ".", "", _tally(data), ""]
     tables = sorted({c["table"] for c in data["cells"]}, key=NAMES.index)

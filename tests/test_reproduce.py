@@ -163,3 +163,17 @@ def test_a_run_of_a_paper_setting_is_put_beside_the_paper_cells():
     assert lines[1].endswith("NOT within tolerance") and "ASR 0.000 ACC 0.900" in lines[1]  # 0.859 < 0.900 - 0.01
     assert lines[2].endswith(" within tolerance")  # 0.019 <= 0.02 and 0.895 >= 0.89
     assert paper_comparison(ExperimentConfig.defaults(source_label=1), summary) == []
+
+
+@pytest.mark.parametrize("defense, asr, acc, paper_asr, paper_acc, expected", [
+    ("FLAIN", 0.000, 0.900, 0.000, 0.900, True),
+    ("FLAIN", 0.020, 0.890, 0.000, 0.900, True),    # both at the edge
+    ("FLAIN", 0.021, 0.900, 0.000, 0.900, False),   # ASR 0.001 over
+    ("FLAIN", 0.000, 0.889, 0.000, 0.900, False),   # ACC 0.001 under
+    ("Pruning", 0.000, 0.950, 0.217, 0.861, True),  # better than published on both
+    ("no-Defense", 0.978, 0.904, 0.989, 0.904, True),
+    ("no-Defense", 1.000, 0.988, 0.949, 0.992, False),  # a stronger backdoor than the paper's
+    ("no-Defense", 0.900, 0.904, 0.989, 0.904, False),  # a weaker one: every defense would look good
+])
+def test_within_tolerance_by_hand(defense, asr, acc, paper_asr, paper_acc, expected):
+    assert rep.within_tolerance(defense, asr, acc, paper_asr, paper_acc) is expected
