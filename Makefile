@@ -36,7 +36,7 @@ test-fast: setup
 # mutation testing of the core math (pyproject [tool.mutmut]; slow, not in CI; docs/testing.md)
 mutation: setup
 	$(PY) -m pip install -q mutmut==3.8.1
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mutmut run $(MUTANTS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(MUTANTS)
 	$(VENV)/bin/mutmut results
 
 # docker compose for real: engine, images, TLS + node auth, a run with a killed node (docker/compose_test.py)

@@ -228,6 +228,7 @@ def test_cli_error_from_a_fresh_process_has_no_traceback():
 
 
 @pytest.mark.slow
+@pytest.mark.process  # real Flower or a subprocess: mutation runs skip it
 def test_installed_wheel_runs_without_a_source_tree(tmp_path):
     """`pip install --no-deps` of the built wheel, used from a directory with no
     pyproject.toml: the defaults come from the code, `flain run --dry-run` works."""

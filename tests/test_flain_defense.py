@@ -182,6 +182,7 @@ def test_wrapping_twice_is_refused_and_any_strategy_is_wrapped():
 
 
 @pytest.mark.slow
+@pytest.mark.process  # real Flower or a subprocess: mutation runs skip it
 def test_example_app_runs_in_flower_simulation(monkeypatch):
     """examples/add_flain: Flower's simulation, 3 clients, 2 rounds; FLAIN's report comes back
     and the defended model differs from the trained one in tau's weight only."""

@@ -219,6 +219,7 @@ def test_flame_rule_on_replies_excludes_the_colluders_and_logs_it():
 
 
 @pytest.mark.slow
+@pytest.mark.process  # real Flower or a subprocess: mutation runs skip it
 @pytest.mark.parametrize("name, key", [("flame", "admitted"), ("fltrust", "trust"), ("foolsgold", "weights"),
                                        ("norm-clipping", "clip_factors"), ("weak-dp", "noise_std")])
 def test_each_rule_through_a_real_small_simulation(name, key, tmp_path):
