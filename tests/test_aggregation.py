@@ -49,9 +49,12 @@ def test_invariant_mask_and_step():
 
 def test_bn_buffers_averaged_or_maxed_never_flipped():
     floats = np.array([[1.0, 2.0], [3.0, 6.0]], dtype=np.float32)
-    np.testing.assert_allclose(aggregate_buffer(floats, np.array([1.0, 3.0])), [2.5, 5.0])
+    mean = aggregate_buffer(floats, np.array([1.0, 3.0]))
+    assert mean.dtype == np.float32 and np.array_equal(mean, np.array([2.5, 5.0], dtype=np.float32))
     counts = np.array([5, 7], dtype=np.int64)
     assert aggregate_buffer(counts, np.array([1.0, 1.0])) == 7
+    per_coordinate = aggregate_buffer(np.array([[5, 9], [7, 2]], dtype=np.int64), np.array([1.0, 1.0]))
+    assert per_coordinate.dtype == np.int64 and per_coordinate.tolist() == [7, 9]  # the max of each counter
 
 
 def test_pruning_zeros_columns():

@@ -57,7 +57,7 @@ def test_dba_parts_disjoint_and_cover_the_plus(size, parts):
 def test_bad_trigger_settings_raise():
     with pytest.raises(ValueError, match="trigger-pixels=4"):
         cba(28, 28, pixels=4)
-    with pytest.raises(ValueError, match="cba only"):
+    with pytest.raises(ValueError, match=r"^trigger-pixels applies to trigger=cba only \(dba uses its plus-sign parts\)$"):
         dba(28, 28, pixels=5)
     with pytest.raises(ValueError, match="does not fit"):
         cba(28, 28, margin=25)
@@ -83,8 +83,31 @@ def test_stamp_sets_only_the_pattern(dtype, shape, value):
 
 
 def test_stamp_rejects_wrong_image_size():
-    with pytest.raises(ValueError, match="32x32"):
+    with pytest.raises(ValueError, match=r"^trigger is 32x32, images are \(28, 28\)$"):
         cba(32, 32).full.stamp(torch.zeros(2, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"^trigger is 3x5, images are \(5, 3\)$"):  # rows x columns, in order
+        PixelTrigger(np.ones((3, 5), dtype=bool)).stamp(torch.zeros(2, 1, 5, 3))
+
+
+@pytest.mark.parametrize("scheme", [cba, dba])
+def test_the_trigger_value_reaches_every_part(scheme):
+    """The default is the brightest value; a set value is what every part and the full pattern stamp."""
+    for value, want in ((None, 1.0), (0.25, 0.25)):
+        trig = scheme(28, 28) if value is None else scheme(28, 28, value=value)
+        for t in (trig.full, *trig.parts):
+            out = t.stamp(torch.zeros(1, 1, 28, 28))
+            assert torch.all(out[0, 0][torch.from_numpy(t.mask)] == want) and out.sum() == want * t.num_pixels
+
+
+def test_dba_splits_in_two_up_to_28_pixels_and_in_four_above():
+    assert [len(dba(n, n).parts) for n in (27, 28, 29, 32)] == [2, 2, 4, 4]
+
+
+def test_plus_parts_refuses_other_counts():
+    from attacks.triggers import plus_parts
+
+    with pytest.raises(ValueError, match="^a plus sign splits into 2 or 4 parts, not 3$"):
+        plus_parts(arm=2, parts=3)
 
 
 @pytest.mark.parametrize("pdr", [0.0, 0.3, 0.5, 1.0])

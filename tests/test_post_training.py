@@ -201,3 +201,48 @@ def test_masks_and_signs_follow_the_weight_device(device, as_numpy):
         flipped = flip_updates(w0, w, mask).cpu()
         assert torch.allclose(flipped[:, 0], (2 * w0 - w).cpu()[:, 0]) and torch.allclose(flipped[:, 1], w.cpu()[:, 1])
         assert (prune_columns(w, mask).cpu()[:, [0, 2]] == 0).all()
+
+
+def test_each_defense_takes_every_setting_from_the_config():
+    """Every setting that is not the default reaches the defense built by the registry."""
+    from strategies.post_training import POST_DEFENSES
+    from strategies.post_training.flain_cv import FlainCV
+    from strategies.post_training.flain_subspace import FlainSubspace
+
+    cfg = ExperimentConfig.defaults(
+        flain_step=0.002, flain_rho=0.05, flain_layer="fc2", flain_start=0.0005, seed=7,
+        flain_cv_tol=0.03, flain_cv_folds=3, flain_cv_scores="split", flain_cv_select="first-beyond",
+        flain_cv_accuracy="balanced", flain_subspace_tol=0.04, flain_subspace_folds=4, flain_subspace_augment="none",
+        fedpruning_rate=0.2, fedpruning_extreme=1.5, fedpruning_finetune_rounds=2)
+    assert {name: POST_DEFENSES[name].from_config(cfg) for name in POST_DEFENSES} == {
+        "flain": Flain(step=0.002, rho=0.05, layer="fc2", start=0.0005),
+        "pruning": Pruning(step=0.002, rho=0.05, layer="fc2", start=0.0005),
+        "flain-cv": FlainCV(tol=0.03, folds=3, scores="split", select="first-beyond", balanced=True, soft=False,
+                            step=0.002, layer="fc2", seed=7),
+        "flain-subspace": FlainSubspace(tol=0.04, folds=4, augment="none", layer="fc2", seed=7),
+        "fedpruning": FedPruning(rate=0.2, extreme=1.5, finetune_rounds=2, step=0.002, rho=0.05, layer="fc2"),
+    }
+    soft = FlainCV.from_config(cfg.replace(flain_cv_accuracy="soft"))
+    plain = FlainCV.from_config(cfg.replace(flain_cv_accuracy="plain"))
+    assert (soft.balanced, soft.soft, plain.balanced, plain.soft) == (False, True, False, False)
+    assert Flain.from_config(ExperimentConfig.defaults()).start is None  # -1: the paper's min + step
+
+
+def test_each_defense_notes_what_it_did():
+    from strategies.post_training.flain_cv import FlainCV
+    from strategies.post_training.flain_subspace import FlainSubspace
+
+    flain = {"threshold": 0.00812, "flipped": 4767, "inputs": 9216}
+    assert Flain.note(flain) == "lambda=0.0081 flipped=4767/9216"
+    assert Flain.note(flain | {"exhausted": True}) == "lambda=0.0081 flipped=4767/9216 (all flipped)"
+    cv = {"flipped": 3454, "inputs": 9216, "estimated_drop": 0.01683}
+    assert FlainCV.note(cv) == "flipped=3454/9216 (cross-fitted aux drop 0.0168)"
+    assert FlainCV.note(cv | {"exhausted": True}) == ("flipped=3454/9216 (cross-fitted aux drop 0.0168)"
+                                                      " ALL FLIPPED: no threshold was chosen")
+    assert FlainCV.note({"flipped": 1, "estimated_drop": 0.0}) == "flipped=1/? (cross-fitted aux drop 0.0000)"
+    assert Pruning.note({"pruned": 12, "inputs": 128}) == "pruned=12/128"
+    assert FedPruning.note({"pruned": 2, "inputs": 20}) == "pruned=2/20"
+    assert FedPruning.note({"pruned": 2}) == "pruned=2/?"
+    assert FlainSubspace.note({"kept_directions": 5, "directions": 40, "eps": 0.0123, "estimated_drop": 0.0091}) == (
+        "kept 5/40 clean directions (eps=0.012, cross-fitted aux drop 0.0091)")
+    assert FlainSubspace.note({"kept_directions": None}) == "nothing flipped (every flip costs more than the tolerance)"

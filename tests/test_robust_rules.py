@@ -192,13 +192,27 @@ def test_weak_dp_noise_has_std_sigma_and_comes_from_the_runs_stream():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("name", ["flame", "fltrust", "foolsgold", "norm-clipping", "weak-dp"])
-def test_rules_log_their_settings_in_flowers_startup_log(name, caplog):
+BN_LINE = "\t│\t└── BatchNorm buffers: 0, weighted mean (integer counters: max), never flipped"
+
+
+@pytest.mark.parametrize("name, lines", [
+    ("flame", ["\t├──> Flame settings:",
+               "\t│\t├── clustering: HDBSCAN on cosine distances, min_cluster_size n/2+1, min_samples 1",
+               "\t│\t├── clip: median update norm", "\t│\t├── noise: lambda=0.001 x the clip bound"]),
+    ("fltrust", ["\t├──> FLTrust settings:", "\t│\t├── root set: 0 clean images on the server",
+                 "\t│\t├── weights: ReLU(cosine) with the server update"]),
+    ("foolsgold", ["\t├──> FoolsGold settings:", "\t│\t├── history: summed updates per partition id",
+                   "\t│\t├── weights: pardoned cosine similarity, logit (kappa 1)"]),
+    ("norm-clipping", ["\t├──> NormClipping settings:", "\t│\t├── clip norm C: 3.0", "\t│\t├── noise std sigma: none"]),
+    ("weak-dp", ["\t├──> NormClipping settings:", "\t│\t├── clip norm C: 3.0", "\t│\t├── noise std sigma: 0.025"]),
+])
+def test_rules_log_their_settings_in_flowers_startup_log(name, lines, caplog):
+    """The exact block, last item marked └──, before Flower's own (Sampling: ...)."""
     caplog.set_level("INFO", logger="flwr")
     build_rule(name, ExperimentConfig.defaults(num_clients=5, aggregation=name)).summary()
-    expected = {"flame": "lambda=0.001", "fltrust": "ReLU(cosine)", "foolsgold": "pardoned cosine",
-                "norm-clipping": "clip norm C: 3.0", "weak-dp": "noise std sigma: 0.025"}[name]
-    assert expected in caplog.text
+    logged = [r.getMessage() for r in caplog.records]
+    start = logged.index(lines[0])
+    assert logged[start:start + len(lines) + 2] == lines + [BN_LINE, "\t├──> Sampling:"]
 
 
 def test_flame_rule_on_replies_excludes_the_colluders_and_logs_it():

@@ -138,6 +138,10 @@ def test_own_rules_describe_themselves_in_flowers_startup_log(name, expected, ca
     text = caplog.text
     for fragment in expected + ["BatchNorm buffers: 1", "Fraction: train (1.00)"]:
         assert fragment in text, (fragment, text)
+    logged = [r.getMessage() for r in caplog.records]
+    start = logged.index(f"\t├──> {expected[0]}:")  # the class name without the reply guard's "Guarded"
+    assert logged[start + len(expected)] == "\t│\t└── BatchNorm buffers: 1, weighted mean (integer counters: max), never flipped"
+    assert all(line.startswith("\t│\t├── ") for line in logged[start + 1:start + len(expected)])
 
 
 @pytest.mark.parametrize("name", ["rlr", "invariant"])

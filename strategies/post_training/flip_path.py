@@ -86,13 +86,6 @@ def _walk(features: torch.Tensor, w0: torch.Tensor, w: torch.Tensor, bias: torch
         yield rest(z.to(features.dtype))
 
 
-def flip_path_accuracy(features: torch.Tensor, labels: torch.Tensor, w0: torch.Tensor, w: torch.Tensor,
-                       bias: torch.Tensor | None, rest: nn.Module, order: np.ndarray, counts: np.ndarray,
-                       balanced: bool = False) -> np.ndarray:
-    """Accuracy (or balanced accuracy) for each count of `flip_path_logits`."""
-    return np.array([accuracy(z, labels, balanced)
-                     for z in flip_path_logits(features, w0, w, bias, rest, order, counts)])
-
 
 class IncrementalFlips:
     """Aux accuracy of the flipped model W* of Eq. (7), unrescaled, for flip masks that
