@@ -18,12 +18,12 @@ from server.evaluation import Evaluator
 from strategies import AGGREGATIONS
 from strategies.aggregation.reply_guard import ReplyLimits
 from strategies.post_training import PostTrainingInput
-from strategies.post_training.fedpruning import FedPruning, clip_extremes
+from strategies.post_training.fedpruning import RANKING_MESSAGE, FedPruning, clip_extremes
 from strategies.post_training.flain import Flain, flip_updates
 from strategies.post_training.pruning import Pruning, prune_columns
 from strategies.post_training.tau import TauView
 from tests import oracles
-from tests.grids import LocalGrid
+from tests.grids import LocalGrid, train_metrics
 
 # the CUDA cases show as skipped where there is no GPU (they run on one)
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
@@ -124,6 +124,9 @@ def test_pruning_apply_zeroes_the_silent_inputs(device):
     assert torch.equal(state["fc1.weight"].cpu(), want)
 
 
+FINETUNE_STEP = 0.5
+
+
 class RankingGrid(LocalGrid):
     """An in-process federation for the ranking query: node i answers with the real client
     ranking (`client.training.input_ranks`) on its own data."""
@@ -137,6 +140,13 @@ class RankingGrid(LocalGrid):
 
         replies = []
         for msg in messages:
+            if msg.metadata.message_type != RANKING_MESSAGE:  # a fine-tuning round: every client moves by +STEP
+                arrays = msg.content["arrays"].to_torch_state_dict()
+                content = RecordDict({"arrays": ArrayRecord({k: v + FINETUNE_STEP for k, v in arrays.items()}),
+                                      "metrics": train_metrics(len(self.data[msg.metadata.dst_node_id - 1]),
+                                                               msg.metadata.dst_node_id - 1)})
+                replies.append(Message(content=content, reply_to=msg))
+                continue
             model = nn.Sequential(OrderedDict(fc1=nn.Linear(Z, HIDDEN), relu=nn.ReLU(), fc2=nn.Linear(HIDDEN, 2)))
             model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
             images = self.data[msg.metadata.dst_node_id - 1]
@@ -164,6 +174,15 @@ def test_fedpruning_apply_prunes_by_the_clients_rankings():
     assert bool(zero_columns[BACKDOOR])  # silent on every client's clean data: ranked lowest
     with pytest.raises(RuntimeError, match="needs the Flower grid"):
         FedPruning().apply(PostTrainingInput(model, initial, aux_x, aux_y))
+
+    # two fine-tuning rounds: FedAvg of three equal +0.5 updates, twice; the pruned columns stay zero
+    tuned, tuned_info = FedPruning(rate=0.1, extreme=0.0, layer="fc1", finetune_rounds=2).apply(inp)
+    assert tuned_info["finetune_rounds"] == 2 and tuned.keys() == state.keys()
+    for key in state:
+        want = state[key] + 2 * FINETUNE_STEP
+        if key == "fc1.weight":
+            want[:, zero_columns] = 0.0
+        assert torch.allclose(tuned[key], want, atol=1e-6), key
 
 
 # ---- the evaluator -------------------------------------------------------------------
