@@ -10,8 +10,8 @@ from torch import nn
 
 from strategies.post_training import PostTrainingInput
 from strategies.post_training.flain import Flain, flip_updates
-from strategies.post_training.flain_subspace import (FlainSubspace, augment, clean_basis, kept_directions,
-                                                     select_eps, subspace_flip)
+from strategies.post_training.flain_subspace import (EPSILONS, FlainSubspace, augment, clean_basis,
+                                                     flipped_weight, kept_directions, select_eps, subspace_flip)
 
 
 def test_in_the_coordinate_basis_it_is_flains_column_flip():
@@ -59,6 +59,36 @@ def test_augment_rolls_and_mirrors():
     assert augment(img, 0) is img
     flat = torch.rand(5, 7)
     assert augment(flat, 2) is flat  # not images
+
+
+def test_augment_by_hand_on_images_without_a_channel():
+    """shift 1 on N x H x W: the image, rolled by (dy, dx) for dx in (-1, 1), dy in (-1, 0, 1)
+    in that order, then mirrored; out[r, c] = in[(r - dy) % H, (c - dx) % W]."""
+    img = np.arange(12.0).reshape(1, 3, 4)
+    want = [img[0]]
+    for dx in (-1, 1):
+        for dy in (-1, 0, 1):
+            want.append(np.array([[img[0, (r - dy) % 3, (c - dx) % 4] for c in range(4)] for r in range(3)]))
+    want.append(img[0, :, ::-1])
+    out = augment(torch.from_numpy(img), 1)
+    assert out.shape == (8, 3, 4) and np.array_equal(out.numpy(), np.stack(want))
+
+
+def test_flipped_weight_keeps_the_directions_the_chosen_eps_allows():
+    """Basis = the coordinates, energy 6, 3, 1 (left out after 1, 2, 3 directions: 0.4, 0.1, 0):
+    eps in [0.1, 0.4) keeps 2 directions, so only column 2's update is flipped."""
+    w0 = torch.tensor([[1.0, 2.0, 3.0]])
+    w = torch.tensor([[2.0, 4.0, 7.0]])  # dW = 1, 2, 4
+    basis, energy = torch.eye(3, dtype=torch.float64), torch.tensor([6.0, 3.0, 1.0], dtype=torch.float64)
+    i = int(np.flatnonzero(EPSILONS >= 0.1)[0]) + 1  # index into [no flip, *EPSILONS] of the first eps >= 0.1
+    assert EPSILONS[i - 2] < 0.1 <= EPSILONS[i - 1] < 0.4
+    drops = np.zeros(len(EPSILONS) + 1)
+    drops[i + 1:] = 0.5  # beyond the tolerance from the next eps on
+    weight, k, index = flipped_weight(w0, w, drops, 0.02, basis, energy)
+    assert (k, index) == (2, i) and torch.equal(weight, torch.tensor([[2.0, 4.0, -1.0]]))  # 3 - 4
+    drops[1:] = 0.5  # every flip beyond it: nothing flipped, index 0
+    weight, k, index = flipped_weight(w0, w, drops, 0.02, basis, energy)
+    assert (k, index) == (None, 0) and torch.equal(weight, w) and weight is not w
 
 
 def _planted(g: torch.Generator):
@@ -114,6 +144,20 @@ def test_a_backdoor_on_active_inputs_is_removed_where_flain_leaves_it():
     acc, asr = _rates(defended.eval(), sample)
     assert asr < 0.05 and acc > acc0 - 0.02, (acc, asr, info["kept_directions"])
     assert info["kept_directions"] is not None and info["kept_directions"] < info["directions"]
+    # what the result says, against what it must be: fc1 is the first layer, so its inputs are the aux images
+    energy = torch.linalg.svdvals(aux_x.double()) ** 2
+    curve = info["drop_curve"]
+    assert set(info) == {"layer", "kept_directions", "directions", "inputs", "eps", "estimated_drop", "drop_curve",
+                         "aux_acc_before", "aux_acc_after", "rule", "search_seconds"}
+    assert (info["layer"], info["inputs"], info["directions"]) == ("fc1", 20, 20)
+    assert info["rule"] == {"tol": 0.02, "folds": 5, "augment": "none"}
+    assert curve["eps"] == [None, *EPSILONS.tolist()] and len(curve["drop"]) == len(EPSILONS) + 1
+    assert curve["drop"][0] == 0.0 and info["estimated_drop"] == curve["drop"][curve["eps"].index(info["eps"])] <= 0.02
+    assert info["kept_directions"] == kept_directions(energy, info["eps"])
+    with torch.no_grad():
+        assert info["aux_acc_before"] == (model(aux_x).argmax(1) == aux_y).float().mean().item()
+        assert info["aux_acc_after"] == (defended(aux_x).argmax(1) == aux_y).float().mean().item()
+    assert 0 < info["search_seconds"] < 600
 
     flain_state, _ = Flain().apply(inp)  # the coordinate version finds no quiet input to flip
     defended.load_state_dict(flain_state)

@@ -265,3 +265,62 @@ def test_each_defense_notes_what_it_did():
     assert FlainSubspace.note({"kept_directions": 5, "directions": 40, "eps": 0.0123, "estimated_drop": 0.0091}) == (
         "kept 5/40 clean directions (eps=0.012, cross-fitted aux drop 0.0091)")
     assert FlainSubspace.note({"kept_directions": None}) == "nothing flipped (every flip costs more than the tolerance)"
+
+
+def _ranking_reply(ranks: np.ndarray, **metrics: float) -> Message:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    sent = Message(content=RecordDict(), message_type=RANKING_MESSAGE, dst_node_id=2)
+    values = {"num-examples": 50, "partition-id": 1} | metrics
+    return Message(content=RecordDict({"ranks": ArrayRecord({"ranks": Array(ranks)}),
+                                       "metrics": MetricRecord(values)}), reply_to=sent)
+
+
+@pytest.mark.parametrize("ranks, metrics, refused", [
+    (np.array([2, 0, 3, 1]), {}, None),
+    (np.array([0, 0, 2, 3]), {}, "ranks is not a ranking of the 4 inputs (a permutation of 0..3)"),
+    (np.array([0, 1, 2, 4]), {}, "ranks is not a ranking of the 4 inputs (a permutation of 0..3)"),
+    (np.array([2.0, 0.0, 3.0, 1.0]), {}, "dtype"),  # a permutation, but not the int64 ranks asked for
+    (np.array([2, 0, 3, 1, 4]), {}, "shape"),
+    (np.array([2, 0, 3, 1]), {"num-examples": 1000}, "num-examples"),  # more than its partition holds
+])
+def test_a_ranking_reply_is_checked_like_a_training_reply(ranks, metrics, refused):
+    from strategies.post_training.fedpruning import ranking_problem
+
+    problem = ranking_problem(_ranking_reply(ranks, **metrics), 4, ReplyLimits.uniform(3, 100))
+    if refused is None or refused.startswith("ranks is not"):
+        assert problem == refused
+    else:
+        assert problem is not None and refused in problem, problem
+
+
+class CorruptRankingGrid(RankingGrid):
+    """Node 3 answers the ranking query with a ranking that repeats an input."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.src_node_id == 3 and "ranks" in reply.content.array_records:
+                ranks = reply.content["ranks"]["ranks"].numpy().copy()
+                ranks[0] = ranks[1]
+                reply.content["ranks"] = ArrayRecord({"ranks": Array(ranks)})
+        return replies
+
+
+@pytest.mark.slow
+def test_fedpruning_leaves_out_and_records_a_malformed_ranking():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    model, initial, g = _backdoored_model("cpu")
+    aux_x, aux_y = _features(200, False, g)
+    clients = [_features(100, False, g)[0] for _ in range(3)]
+    strategy = AGGREGATIONS["fedavg"](ExperimentConfig.defaults(num_clients=3), frozenset(), ReplyLimits.uniform(3, 100))
+    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=CorruptRankingGrid(clients), strategy=strategy,
+                            last_round=4)
+    _, info = FedPruning(rate=0.1, extreme=0.0, layer="fc1").apply(inp)
+    assert info["clients"] == 2
+    (failure,) = strategy.failures
+    assert (failure["round"], failure["node"], failure["partition"], failure["kind"]) == (4, 3, 2, "rejected")
+    assert failure["reason"] == f"ranking query: ranks is not a ranking of the {Z} inputs (a permutation of 0..{Z - 1})"
