@@ -324,3 +324,35 @@ def test_fedpruning_leaves_out_and_records_a_malformed_ranking():
     (failure,) = strategy.failures
     assert (failure["round"], failure["node"], failure["partition"], failure["kind"]) == (4, 3, 2, "rejected")
     assert failure["reason"] == f"ranking query: ranks is not a ranking of the {Z} inputs (a permutation of 0..{Z - 1})"
+
+
+@pytest.mark.slow
+def test_fedpruning_by_default_prunes_by_the_papers_schedule_on_the_weighted_mean_rank():
+    """rate 0 (the default): Pruning's adaptive threshold, on the clients' example-weighted
+    mean rank scaled to [0, 1] instead of the aux activations; restated with the oracle."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.training import input_ranks
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    model, initial, g = _backdoored_model("cpu")
+    aux_x, aux_y = _features(200, False, g)
+    sizes = (50, 80, 100)
+    clients = [_features(n, False, g)[0] for n in sizes]
+    strategy = AGGREGATIONS["fedavg"](ExperimentConfig.defaults(num_clients=3), frozenset(), ReplyLimits.uniform(3, 100))
+    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=RankingGrid(clients), strategy=strategy)
+    state, info = FedPruning(rate=0.0, extreme=0.0, step=0.01, rho=0.02, layer="fc1").apply(inp)
+
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    ranks = np.stack([input_ranks(model, "fc1", x) for x in clients]).astype(np.float64)
+    mean_rank = (np.array(sizes, dtype=np.float64)[:, None] * ranks).sum(0) / sum(sizes) / (Z - 1)
+
+    def evaluate(w):
+        with torch.no_grad():
+            return (_fresh({**weights, "fc1.weight": w}, "cpu")(aux_x).argmax(1) == aux_y).float().mean().item()
+
+    want, pruned, _ = oracles.pruning(mean_rank, weights["fc1.weight"], 0.01, 0.02, evaluate)
+    assert torch.equal(state["fc1.weight"], want)
+    info.pop("search_seconds")
+    assert info == {"layer": "fc1", "clients": 3, "pruned": pruned, "inputs": Z, "clipped": 0, "finetune_rounds": 0,
+                    "aux_acc_before": evaluate(weights["fc1.weight"]), "aux_acc_after_pruning": evaluate(want)}
