@@ -74,8 +74,24 @@ def test_fedpruning_rank_aggregation_and_extremes():
     w[0, 0] = 100.0  # one extreme weight
     pruned = torch.tensor([False, False, False, False, True])
     out, clipped = clip_extremes(w, pruned, k=2.0)
-    assert clipped == 1 and 0 < out[0, 0] < 100.0
+    # the 16 unpruned weights: mean 100/16 = 6.25, std sqrt((93.75^2 + 15 x 6.25^2) / 15) = 25: bounds -43.75, 56.25
+    assert clipped == 1 and out[0, 0].item() == 56.25
     assert torch.equal(out[1:], w[1:])
+    assert clip_extremes(w, pruned, k=0.0) == (w, 0)  # k 0: no clipping at all
+
+    w = torch.zeros(4, 5)
+    w[0, 0], w[1, 1], w[2, 4] = 100.0, -100.0, 500.0  # column 4 is pruned: neither counted nor clipped
+    out, clipped = clip_extremes(w, pruned.numpy(), k=2.0)  # a numpy mask as FedPruning may pass
+    bound = 2 * (20000 / 15) ** 0.5  # mean 0, std sqrt(2 x 100^2 / 15)
+    assert clipped == 2 and out[0, 0].item() == pytest.approx(bound) and out[1, 1].item() == pytest.approx(-bound)
+    assert out[2, 4].item() == 500.0
+
+    two = torch.tensor([[0.0, 10.0, 7.0]])  # two unpruned weights: mean 5, std sqrt(50)
+    out, clipped = clip_extremes(two, torch.tensor([False, False, True]), k=0.5)
+    half = 0.5 * 50 ** 0.5
+    assert clipped == 2 and out[0, :2].tolist() == pytest.approx([5 - half, 5 + half]) and out[0, 2].item() == 7.0
+    one = torch.tensor([[3.0, 9.0]])  # one unpruned weight: no spread to clip to
+    assert clip_extremes(one, torch.tensor([False, True]), k=0.5) == (one, 0)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +115,15 @@ def test_possible_rule_settings_validate():
     for agg in ("fedavg", "rlr", "krum", "multikrum", "trimmed-mean", "median", "invariant"):
         check_experiment(ExperimentConfig.defaults(aggregation=agg))
     check_experiment(ExperimentConfig.defaults(aggregation="bulyan", krum_f=1))
+
+
+@pytest.mark.parametrize("name", ["krum", "multikrum", "bulyan"])
+def test_krum_family_assumes_krum_f_attackers(name):
+    """krum-f set: that many; -1 (the default): the run's true count (10 clients, MCR 0.4: 4)."""
+    from strategies import AGGREGATIONS
+    from strategies.aggregation.reply_guard import ReplyLimits
+
+    limits = ReplyLimits.uniform(20, 1000)
+    given = AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=20, aggregation=name, krum_f=2), frozenset(), limits)
+    default = AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=10, aggregation=name), frozenset(), limits)
+    assert (given.num_malicious_nodes, default.num_malicious_nodes) == (2, 4)
