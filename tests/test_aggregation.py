@@ -127,3 +127,21 @@ def test_krum_family_assumes_krum_f_attackers(name):
     given = AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=20, aggregation=name, krum_f=2), frozenset(), limits)
     default = AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=10, aggregation=name), frozenset(), limits)
     assert (given.num_malicious_nodes, default.num_malicious_nodes) == (2, 4)
+
+
+def test_multikrum_averages_multikrum_m_or_all_but_the_assumed_attackers():
+    from strategies import AGGREGATIONS
+    from strategies.aggregation.reply_guard import ReplyLimits
+
+    limits = ReplyLimits.uniform(10, 1000)
+    build = lambda **c: AGGREGATIONS["multikrum"](  # noqa: E731
+        ExperimentConfig.defaults(num_clients=10, aggregation="multikrum", **c), frozenset(), limits)
+    assert build(multikrum_m=5).num_nodes_to_select == 5
+    assert build().num_nodes_to_select == 6  # 10 clients - 4 attackers
+    assert (build(krum_f=1).num_nodes_to_select, build(krum_f=1).num_malicious_nodes) == (9, 1)
+
+
+def test_invariant_step_keeps_the_updates_dtype():
+    updates = np.array([[1.0, -1.0], [1.0, 1.0], [1.0, -1.0]], dtype=np.float32)
+    step = invariant_step(updates, threshold=0.6, beta=0.0)
+    assert step.dtype == np.float32 and step.tolist() == [1.0, 0.0]  # column 1: mean sign -1/3, under 0.6
