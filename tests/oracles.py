@@ -74,3 +74,33 @@ def pruning(x: np.ndarray, w: torch.Tensor, step: float, rho: float,
         if rho <= acc0 - evaluate(w_pruned) or pruned == w.shape[1]:
             return w_pruned, pruned, lam
         k += 1
+
+
+def foolsgold(histories: np.ndarray) -> list[float]:
+    """FoolsGold's weights (Fung et al., RAID 2020, Algorithm 1 with kappa 1), one client pair at
+    a time: cosine similarity of the histories, pardoning, 1 - max, rescaled, the logit, clipped."""
+    n = len(histories)
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> float:
+        return float(sum(x * y for x, y in zip(a, b)) / (np.sqrt(sum(x * x for x in a)) * np.sqrt(sum(y * y for y in b))))
+
+    cs = [[0.0 if i == j else cosine(histories[i], histories[j]) for j in range(n)] for i in range(n)]
+    v = [max(row) for row in cs]
+    for i in range(n):
+        for j in range(n):
+            if i != j and v[i] < v[j]:
+                cs[i][j] = cs[i][j] * v[i] / v[j]
+    wv = [min(1.0, max(0.0, 1.0 - max(row))) for row in cs]
+    top = max(wv)
+    if top == 0:
+        return [0.0] * n
+    out = []
+    for w in wv:
+        w = w / top
+        if w == 1.0:
+            w = 0.99
+        if w == 0.0:
+            out.append(0.0)  # log(0) = -inf, clipped to 0
+            continue
+        out.append(min(1.0, max(0.0, float(np.log(w / (1 - w))) + 0.5)))
+    return out

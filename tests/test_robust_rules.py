@@ -16,6 +16,7 @@ from strategies.aggregation.clipping import clipped_mean
 from strategies.aggregation.flame import clip_to, cosine_distances, flame_step, largest_cluster
 from strategies.aggregation.fltrust import fltrust_step
 from strategies.aggregation.foolsgold import foolsgold_weights
+from tests import oracles
 from tests.grids import LIMITS, LocalGrid, build_rule, train_metrics
 
 
@@ -84,6 +85,60 @@ def test_foolsgold_pardons_and_takes_the_logit_by_hand():
     alpha[alpha == 1] = 0.99
     want = np.clip(np.log(alpha / (1 - alpha)) + 0.5, 0, 1)  # [logit(.3636) + .5 = -.06 -> 0, 1, 0]
     assert np.allclose(foolsgold_weights(h), want) and want.tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_foolsgold_weights_equal_the_papers_algorithm(seed):
+    """Sybil groups (a shared direction plus noise), honest clients and, in low dimension,
+    clients whose every cosine is negative: every branch of the rule against the oracle."""
+    rng = np.random.default_rng(seed)
+    dim = (2, 3, 6, 20)[seed % 4]
+    sybil = rng.normal(size=dim)
+    histories = np.vstack([sybil + rng.normal(scale=(0.1, 0.6, 1.5)[seed % 3], size=(3, dim)),
+                           rng.normal(size=(4, dim))])
+    assert np.allclose(foolsgold_weights(histories), oracles.foolsgold(histories), atol=1e-12)
+
+
+def test_foolsgold_clips_alpha_at_one_when_every_cosine_is_negative():
+    """Cosines -0.5, -0.5 (client 0) and -0.001 (clients 1, 2): pardoning scales client 0's
+    by -0.5 / -0.001 = 500, so 1 - max is 251 for it and 1.001 for the others; clipped at 1,
+    all three are equal (weight 1 each); unclipped, clients 1 and 2 would fall to 0.004 of
+    client 0 and get weight 0."""
+    gram = np.array([[1.0, -0.5, -0.5], [-0.5, 1.0, -0.001], [-0.5, -0.001, 1.0]])
+    h = np.linalg.cholesky(gram)  # rows with exactly these cosines
+    assert np.allclose(h @ h.T, gram)
+    assert foolsgold_weights(h).tolist() == [1.0, 1.0, 1.0] == oracles.foolsgold(h)
+    for dim in (2, 3):  # every history alike: every alpha 0, whether the cosine rounds to 1 or to 1 - 2e-16
+        assert foolsgold_weights(np.ones((4, dim))).tolist() == [0.0] * 4
+
+
+def test_foolsgold_judge_weights_the_step_and_leaves_zero_weight_clients_out_of_the_buffers():
+    strategy = build_rule("foolsgold", ExperimentConfig.defaults(num_clients=4, aggregation="foolsgold"), BUFFERS)
+    updates = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])  # 0 and 1 alike
+    examples = np.array([10.0, 20.0, 30.0, 40.0])
+    combined = strategy.judge(1, updates, examples, [0, 1, 2, 3])
+    assert combined.refusal is None and combined.log == {"weights": {"0": 0.0, "1": 0.0, "2": 1.0, "3": 1.0}}
+    assert combined.steps[""].tolist() == [0.0, 0.5, 1.0]  # the mean of clients 2 and 3
+    assert combined.buffer_weights.tolist() == [0.0, 0.0, 30.0, 40.0]
+    alike = build_rule("foolsgold", ExperimentConfig.defaults(num_clients=3, aggregation="foolsgold"), BUFFERS)
+    combined = alike.judge(1, np.ones((3, 2)), examples[:3], [0, 1, 2])
+    assert (combined.steps, combined.buffer_weights.tolist(), combined.refusal) == (
+        {}, [10.0, 20.0, 30.0], "FoolsGold gave every client weight 0: the model stays")
+    assert combined.log == {"weights": {"0": 0.0, "1": 0.0, "2": 0.0}}
+
+
+def test_foolsgold_oracle_cases_cover_its_branches():
+    """The cases above reach weights strictly between 0 and 1, the clip at 1 and at 0, and
+    pardoning that changes the result (skipping it changes at least one case)."""
+    weights = []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        dim = (2, 3, 6, 20)[seed % 4]
+        sybil = rng.normal(size=dim)
+        h = np.vstack([sybil + rng.normal(scale=(0.1, 0.6, 1.5)[seed % 3], size=(3, dim)), rng.normal(size=(4, dim))])
+        weights.append(oracles.foolsgold(h))
+    flat = np.concatenate(weights)
+    assert ((flat > 0) & (flat < 1)).any() and (flat == 1).any() and (flat == 0).any()
 
 
 def _state(w: np.ndarray, mean: float = 0.0, count: int = 0) -> ArrayRecord:
@@ -199,7 +254,7 @@ BN_LINE = "\t│\t└── BatchNorm buffers: 0, weighted mean (integer counter
     ("flame", ["\t├──> Flame settings:",
                "\t│\t├── clustering: HDBSCAN on cosine distances, min_cluster_size n/2+1, min_samples 1",
                "\t│\t├── clip: median update norm", "\t│\t├── noise: lambda=0.001 x the clip bound"]),
-    ("fltrust", ["\t├──> FLTrust settings:", "\t│\t├── root set: 0 clean images on the server",
+    ("fltrust", ["\t├──> FLTrust settings:", "\t│\t├── root set: 100 clean images on the server",
                  "\t│\t├── weights: ReLU(cosine) with the server update"]),
     ("foolsgold", ["\t├──> FoolsGold settings:", "\t│\t├── history: summed updates per partition id",
                    "\t│\t├── weights: pardoned cosine similarity, logit (kappa 1)"]),

@@ -40,7 +40,7 @@ def clipped_mean(updates: np.ndarray, weights: np.ndarray, bound: float) -> tupl
 class NormClipping(WholeModelRule):
     """Clip each update to `clip`, average; `sigma` > 0 adds Gaussian noise (weak DP)."""
 
-    def __init__(self, *args: Any, clip: float = 3.0, sigma: float = 0.0, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, clip: float, sigma: float = 0.0, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.clip, self.sigma, self.seed = clip, sigma, seed
 

@@ -73,7 +73,7 @@ def flame_step(models: np.ndarray, updates: np.ndarray, lam: float, rng: np.rand
 class Flame(WholeModelRule):
     """FLAME on the whole update of every client of the round."""
 
-    def __init__(self, *args: Any, noise: float = 0.001, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, noise: float, seed: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.noise, self.seed = noise, seed
 

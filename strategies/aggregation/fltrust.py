@@ -52,7 +52,7 @@ def fltrust_step(updates: np.ndarray, server: np.ndarray) -> tuple[np.ndarray | 
 class FLTrust(WholeModelRule):
     """FLTrust with the server update computed by `server_update` each round."""
 
-    def __init__(self, *args: Any, server_update: ServerUpdate, root_size: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, server_update: ServerUpdate, root_size: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.server_update, self.root_size = server_update, root_size
 

@@ -37,6 +37,7 @@ def foolsgold_weights(histories: np.ndarray) -> np.ndarray:
             if i != j and v[i] < v[j]:
                 cs[i, j] *= v[i] / v[j]
     alpha = np.clip(1.0 - cs.max(axis=1), 0.0, 1.0)
+    alpha[alpha < 1e-12] = 0.0  # identical histories: the cosine's rounding (1 - 2e-16), not a difference
     if alpha.max() <= 0:
         return np.zeros(n)
     alpha = alpha / alpha.max()

@@ -29,7 +29,7 @@ def invariant_step(updates: np.ndarray, threshold: float, beta: float) -> np.nda
 class InvariantAggregator(DeltaStrategy):
     """FedAvg whose parameter step is the sign-agreement-masked trimmed mean of the updates."""
 
-    def __init__(self, *args: Any, threshold: float = 0.6, beta: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, threshold: float, beta: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.threshold, self.beta = threshold, beta
 

@@ -47,7 +47,7 @@ def default_theta(replies: int) -> int:
 class RobustLR(DeltaStrategy):
     """FedAvg with the robust learning rate on the parameters' updates."""
 
-    def __init__(self, *args: Any, theta: int | None = None, eta: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, theta: int | None, eta: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.theta, self.eta = theta, eta  # theta None: a majority of each round's replies
 
