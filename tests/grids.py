@@ -57,5 +57,6 @@ def build_rule(name: str, cfg, buffers: frozenset[str] = frozenset(), limits: Re
 
     if name != "fltrust":
         return AGGREGATIONS[name](cfg, buffers, limits)
-    return guarded(FLTrust)(server_update=lambda rnd, arrays: {k: v + 1 for k, v in arrays.items()},
+    # the server's update: + the round number on every parameter (round 1: all ones)
+    return guarded(FLTrust)(server_update=lambda rnd, arrays: {k: v + rnd for k, v in arrays.items()},
                             root_size=cfg.fltrust_root_size, buffer_keys=buffers, **_common(cfg, limits))

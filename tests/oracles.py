@@ -64,12 +64,12 @@ def algorithm1(x: np.ndarray, w0: torch.Tensor, w: torch.Tensor, step: float, rh
 
 
 def pruning(x: np.ndarray, w: torch.Tensor, step: float, rho: float,
-            evaluate: Callable[[torch.Tensor], float]) -> tuple[torch.Tensor, int, float]:
+            evaluate: Callable[[torch.Tensor], float], start: float | None = None) -> tuple[torch.Tensor, int, float]:
     """The paper's Pruning baseline: zero the columns with x <= lambda, same schedule and stop.
     Returns (W, pruned columns, lambda)."""
     acc0, k = evaluate(w), 1
     while True:
-        lam = _lambda(x, step, None, k)
+        lam = _lambda(x, step, start, k)
         w_pruned, pruned = _column_rule(w, w, x, lam, lambda c0, c, low: torch.zeros_like(c) if low else c)
         if rho <= acc0 - evaluate(w_pruned) or pruned == w.shape[1]:
             return w_pruned, pruned, lam

@@ -122,6 +122,16 @@ def test_pruning_apply_zeroes_the_silent_inputs(device):
     want, pruned, lam = oracles.pruning(aux_x.mean(0).double().numpy(), weights["fc1.weight"], 0.001, 0.02, evaluate)
     assert (info["pruned"], info["threshold"]) == (pruned, pytest.approx(lam, abs=1e-8))
     assert torch.equal(state["fc1.weight"].cpu(), want)
+    assert info["layer"] == "fc1" and info["inputs"] == Z and info["aux_acc_before"] == evaluate(weights["fc1.weight"])
+    assert info["aux_acc_after"] == evaluate(want) and info["evaluations"] >= 2 and not info["exhausted"]
+    # the authors' protocol: a given first threshold (flain-start) instead of min + step
+    x = aux_x.mean(0).double().numpy()
+    start = float(np.sort(x)[3]) + 0.0005  # past the four quietest inputs
+    state, info = Pruning(step=0.001, rho=0.02, layer="fc1", start=start).apply(
+        PostTrainingInput(model, initial, aux_x.to(device), aux_y.to(device)))
+    want, pruned, lam = oracles.pruning(x, weights["fc1.weight"], 0.001, 0.02, evaluate, start=start)
+    assert (info["pruned"], info["threshold"]) == (pruned, pytest.approx(lam, abs=1e-8)) and pruned >= 4
+    assert torch.equal(state["fc1.weight"].cpu(), want)
 
 
 FINETUNE_STEP = 0.5

@@ -314,6 +314,23 @@ def test_each_rule_through_a_real_small_simulation(name, key, tmp_path):
     assert all(key in entry for entry in summary["defense_log"])
 
 
+def test_fltrust_judges_against_the_servers_own_step_from_the_current_model():
+    """Round 2 from a model that is not zero: the server's step is +2 everywhere (trained -
+    current, whatever current is); client 0 agrees (trust 1), client 1 is orthogonal (trust 0,
+    left out of the BatchNorm statistics), client 2 half agrees."""
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation="fltrust")
+    strategy = build_rule("fltrust", cfg, BUFFERS)
+    start = np.array([[5.0, -5.0, 0.0], [3.0, 0.0, -1.0]])
+    updates = [np.ones((2, 3)), np.array([[1.0, -1, 0], [0, 0, 0]]), np.array([[1.0, 1, 1], [0, 0, 0]])]
+    arrays = _round(strategy, 2, start, updates, examples=[10, 20, 30])
+    t = 1 / np.sqrt(2)  # client 2: cos = 3 / (sqrt 3 sqrt 6)
+    want = start + (np.ones((2, 3)) * 2 + t * 2 * np.sqrt(2) * np.array([[1.0, 1, 1], [0, 0, 0]])) / (1 + t)
+    assert np.allclose(arrays["fc.weight"].numpy(), want, atol=1e-5)  # rescaled to the server's norm 2 sqrt 6
+    assert np.allclose(arrays["bn.running_mean"].numpy(), (10 * 0 + 30 * 2) / 40)  # clients 0 and 2 only
+    assert strategy.defense_log[-1] == {"round": 2, "trust": {"0": pytest.approx(1.0), "1": 0.0, "2": pytest.approx(t)},
+                                        "server_update_norm": pytest.approx(2 * np.sqrt(6))}
+
+
 def test_fltrust_root_set_is_disjoint_from_aux_and_left_out_of_the_evaluation():
     from experiment.data import aux_split, root_split
 
