@@ -145,3 +145,26 @@ def test_invariant_step_keeps_the_updates_dtype():
     updates = np.array([[1.0, -1.0], [1.0, 1.0], [1.0, -1.0]], dtype=np.float32)
     step = invariant_step(updates, threshold=0.6, beta=0.0)
     assert step.dtype == np.float32 and step.tolist() == [1.0, 0.0]  # column 1: mean sign -1/3, under 0.6
+
+
+@pytest.mark.parametrize("changes, refused", [
+    ({"aggregation": "rlr", "rlr_theta": 10}, False),  # theta may be every client of the round
+    ({"aggregation": "rlr", "rlr_theta": 11}, True),
+    ({"aggregation": "krum", "krum_f": 7}, False),  # 10 - 7 - 2 = 1 neighbour to score by
+    ({"aggregation": "krum", "krum_f": 8}, True),
+    ({"aggregation": "multikrum", "krum_f": 7}, False),
+    ({"aggregation": "multikrum", "krum_f": 8}, True),
+    ({"aggregation": "multikrum", "multikrum_m": 10}, False),
+    ({"aggregation": "multikrum", "multikrum_m": 11}, True),
+    ({"aggregation": "bulyan", "num_clients": 11, "krum_f": 2}, False),  # 4 x 2 + 3 = 11
+    ({"aggregation": "bulyan", "num_clients": 10, "krum_f": 2}, True),
+    ({"aggregation": "bulyan", "num_clients": 15, "krum_f": 3}, False),  # 4 x 3 + 3
+    ({"aggregation": "bulyan", "num_clients": 14, "krum_f": 3}, True),
+])
+def test_rule_counts_are_refused_exactly_at_their_bounds(changes, refused):
+    cfg = ExperimentConfig.defaults(**({"num_clients": 10} | changes))
+    if refused:
+        with pytest.raises(ConfigError):
+            check_experiment(cfg)
+    else:
+        check_experiment(cfg)

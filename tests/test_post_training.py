@@ -255,6 +255,7 @@ def test_each_defense_takes_every_setting_from_the_config():
     plain = FlainCV.from_config(cfg.replace(flain_cv_accuracy="plain"))
     assert (soft.balanced, soft.soft, plain.balanced, plain.soft) == (False, True, False, False)
     assert Flain.from_config(ExperimentConfig.defaults()).start is None  # -1: the paper's min + step
+    assert Flain.from_config(ExperimentConfig.defaults(flain_start=0.0)).start == 0.0  # 0 is a threshold too
 
 
 def test_each_defense_notes_what_it_did():
