@@ -147,8 +147,8 @@ def test_own_rules_describe_themselves_in_flowers_startup_log(name, expected, ca
 @pytest.mark.parametrize("name", ["rlr", "invariant"])
 def test_update_rules_weigh_replies_by_their_examples_exactly(name):
     """Three replies with 10, 10 and 20 examples (weights 1/4, 1/4, 1/2; binary fractions,
-    so the expected arrays are exact). RLR with theta 2: coordinates whose signs sum to
-    |2| or more step by the weighted mean update, the others against it; the invariant
+    so the expected arrays are exact). RLR with theta 3 (the default would be 2, a majority):
+    coordinates whose signs sum to |3| step by the weighted mean update, the others against it; the invariant
     rule (threshold 0.3, no trimming) steps by the plain mean where signs agree. The BN
     statistic is the examples-weighted mean, the counter the maximum."""
     updates = np.array([[[0.5, 0.25, -1.0], [0.0, 2.0, -0.5]],
@@ -156,7 +156,7 @@ def test_update_rules_weigh_replies_by_their_examples_exactly(name):
                         [[0.5, 0.25, 1.0], [1.0, -2.0, 0.5]]])
     examples = [10, 10, 20]
     start = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    cfg = ExperimentConfig.defaults(num_clients=3, aggregation=name, rlr_theta=2, invariant_threshold=0.3,
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation=name, rlr_theta=3, invariant_threshold=0.3,
                                     invariant_beta=0.0)
     strategy = AGGREGATIONS[name](cfg, frozenset({"bn.running_mean", "bn.num_batches_tracked"}), LIMITS)
     sent = list(strategy.configure_train(1, _state(start, 0.0, 0), ConfigRecord(), LocalGrid(3)))
@@ -166,7 +166,7 @@ def test_update_rules_weigh_replies_by_their_examples_exactly(name):
     arrays, _ = strategy.aggregate_train(1, replies)
     if name == "rlr":
         # weighted means [[.4375, .0625, 0], [.75, 0, .25]]; |sum of signs| [[3, 1, 1], [2, 1, 1]]
-        want = start + np.array([[0.4375, -0.0625, 0.0], [0.75, 0.0, -0.25]])
+        want = start + np.array([[0.4375, -0.0625, 0.0], [-0.75, 0.0, -0.25]])
     else:
         # |mean sign| [[1, 1/3, 1/3], [2/3, 1/3, 1/3]]: every coordinate kept; plain means
         want = start + np.array([[1.25, 0.0, -1.0], [2.0, 2.0, 0.5]]) / 3
