@@ -125,3 +125,69 @@ def test_flipping_every_input_is_reported_not_passed_off_as_a_choice():
     table = format_table({"final": {"acc": 0.9, "asr": 0.9},
                           "post_defenses": {"flain-cv": {"acc": 0.5, "asr": 0.0, **everything}}})
     assert "ALL FLIPPED" in table
+
+
+def _naive_drop_curve(model, w0, x, y, counts, scores, select, tol, accuracy_kind, folds, seed):
+    """FLAIN-CV's estimate written out: for each held-out part, the flipping order from the
+    other part's mean activations (the same images for `same`), every count's rescaled W*
+    put into the whole model, the held-out images' accuracy; parts weighted by their size;
+    the scan stops at the first count beyond `tol` (inclusive)."""
+    from experiment import seeds
+
+    w = model.fc1.weight.detach()
+    n = len(y)
+    if scores == "same":
+        parts = [(np.arange(n), np.arange(n))]
+    else:
+        k = 2 if scores == "split" else folds
+        fold = stratified_folds(y.numpy(), k, seeds.rng(seed, "aux-folds"))
+        parts = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in (range(1) if scores == "split" else range(k))]
+    curves = []
+    for rank_on, score_on in parts:
+        order = np.argsort(x[rank_on].mean(0).numpy(), kind="stable")
+        curve = []
+        for c in counts:
+            flip = torch.zeros(w.shape[1], dtype=torch.bool)
+            flip[order[:c]] = True
+            star = torch.where(flip, w0 - (w - w0), w)
+            star = star * (torch.linalg.matrix_norm(w) / torch.linalg.matrix_norm(star))
+            probe = _fresh(dict(model.state_dict(), **{"fc1.weight": star}), "cpu")
+            with torch.no_grad():
+                logits = probe(x[score_on])
+            labels = y[score_on]
+            if accuracy_kind == "soft":
+                hit = torch.softmax(logits.double(), 1)[torch.arange(len(labels)), labels]
+            else:
+                hit = (logits.argmax(1) == labels).double()
+            if accuracy_kind == "balanced":
+                curve.append(float(np.mean([hit[labels == cl].mean().item() for cl in labels.unique()])))
+            else:
+                curve.append(hit.mean().item())
+        curves.append((np.array(curve), len(score_on)))
+    acc = sum(c * m for c, m in curves) / sum(m for _, m in curves)
+    drops = acc[0] - acc
+    for i in range(1, len(drops)):
+        if (drops[i] >= tol) if select == "first-beyond" else (drops[i] > tol):
+            return acc[0], drops[: i + 1]
+    return acc[0], drops
+
+
+@pytest.mark.parametrize("scores, select, accuracy_kind", [
+    ("crossfit", "last-within", "soft"), ("crossfit", "first-beyond", "plain"), ("split", "last-within", "balanced"),
+    ("split", "first-beyond", "soft"), ("same", "last-within", "plain"), ("same", "first-beyond", "balanced"),
+])
+def test_drop_curve_is_the_naive_estimate(scores, select, accuracy_kind):
+    from strategies.post_training.tau import TauView
+
+    model, initial, g = _backdoored_model("cpu")
+    x, y = _features(60, False, g)
+    x = x + 0.3 * torch.rand(x.shape, generator=g)  # every input somewhat active
+    w0 = initial["fc1.weight"]
+    tau = TauView.of(model, "fc1", x, y)
+    counts = np.array([0, 2, 5, 9, 14, 20])
+    cv = FlainCV(tol=0.03, folds=3, scores=scores, select=select, balanced=accuracy_kind == "balanced",
+                 soft=accuracy_kind == "soft", layer="fc1", seed=7)
+    acc0, drops = cv.drop_curve(tau, w0, counts)
+    want0, want = _naive_drop_curve(model, w0, x, y, counts, scores, select, 0.03, accuracy_kind, 3, 7)
+    assert acc0 == pytest.approx(want0, abs=1e-5) and drops == pytest.approx(want, abs=1e-5)
+    assert 1 < len(want) < len(counts)  # the cases stop somewhere inside the curve
