@@ -90,6 +90,24 @@ def test_flain_cv_removes_the_planted_backdoor_within_tolerance(scores):
     assert torch.allclose(state["fc1.weight"].double(), want, rtol=1e-5, atol=1e-6)
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v) == (k != "fc1.weight"), k
+    # what the result says, against what it must be
+    x = np.sort(aux_x.mean(0).double().numpy())
+    counts = candidate_counts(aux_x.mean(0).double().numpy(), 0.001)
+
+    def aux_accuracy(weights):
+        with torch.no_grad():
+            return (_fresh(weights, "cpu")(aux_x).argmax(1) == aux_y).float().mean().item()
+
+    assert set(info) == {"layer", "flipped", "inputs", "threshold", "estimated_drop", "exhausted", "aux_acc_before",
+                         "aux_acc_after", "rule", "evaluations", "search_seconds"}
+    assert (info["layer"], info["inputs"], info["exhausted"], info["evaluations"]) == ("fc1", Z, False, len(counts))
+    assert info["threshold"] == pytest.approx(x[info["flipped"] - 1]) and info["estimated_drop"] <= 0.01
+    assert info["rule"] == {"scores": scores, "select": "last-within", "tol": 0.01, "folds": 5, "accuracy": "soft"}
+    assert info["aux_acc_before"] == aux_accuracy(model.state_dict()) and info["aux_acc_after"] == aux_accuracy(state)
+    assert 0 < info["search_seconds"] < 600
+    plain = FlainCV(tol=0.01, scores=scores, layer="fc1", seed=1, soft=False, balanced=True, select="first-beyond")
+    assert plain.apply(PostTrainingInput(model, initial, aux_x, aux_y))[1]["rule"] == {
+        "scores": scores, "select": "first-beyond", "tol": 0.01, "folds": 5, "accuracy": "balanced"}
 
 
 def _activations(model, aux_x, aux_y):
