@@ -168,16 +168,24 @@ class RankingGrid(LocalGrid):
         return replies
 
 
-@pytest.mark.slow
-def test_fedpruning_apply_prunes_by_the_clients_rankings():
+def _fedpruning_input(grid_type: type, sizes=(100, 100, 100), last_round: int = 0):
+    """(model, initial, aux images, aux labels, client features, strategy, PostTrainingInput) for
+    FedPruning on the planted backdoor, with clients answering through `grid_type`."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     model, initial, g = _backdoored_model("cpu")
     aux_x, aux_y = _features(200, False, g)
-    clients = [_features(100, False, g)[0] for _ in range(3)]
+    clients = [_features(n, False, g)[0] for n in sizes]
     strategy = AGGREGATIONS["fedavg"](ExperimentConfig.defaults(num_clients=3), frozenset(), ReplyLimits.uniform(3, 100))
-    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=RankingGrid(clients), strategy=strategy)
+    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=grid_type(clients), strategy=strategy,
+                            last_round=last_round)
+    return model, initial, aux_x, aux_y, clients, strategy, inp
+
+
+@pytest.mark.slow
+def test_fedpruning_apply_prunes_by_the_clients_rankings():
+    model, initial, aux_x, aux_y, _, _, inp = _fedpruning_input(RankingGrid)
     state, info = FedPruning(rate=0.1, extreme=0.0, layer="fc1").apply(inp)  # 10% of 20 inputs: 2
     zero_columns = (state["fc1.weight"] == 0).all(0)
     assert info["clients"] == 3 and info["pruned"] == 2 == int(zero_columns.sum())
@@ -321,15 +329,7 @@ class CorruptRankingGrid(RankingGrid):
 
 @pytest.mark.slow
 def test_fedpruning_leaves_out_and_records_a_malformed_ranking():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    model, initial, g = _backdoored_model("cpu")
-    aux_x, aux_y = _features(200, False, g)
-    clients = [_features(100, False, g)[0] for _ in range(3)]
-    strategy = AGGREGATIONS["fedavg"](ExperimentConfig.defaults(num_clients=3), frozenset(), ReplyLimits.uniform(3, 100))
-    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=CorruptRankingGrid(clients), strategy=strategy,
-                            last_round=4)
+    *_, strategy, inp = _fedpruning_input(CorruptRankingGrid, last_round=4)
     _, info = FedPruning(rate=0.1, extreme=0.0, layer="fc1").apply(inp)
     assert info["clients"] == 2
     (failure,) = strategy.failures
@@ -341,17 +341,10 @@ def test_fedpruning_leaves_out_and_records_a_malformed_ranking():
 def test_fedpruning_by_default_prunes_by_the_papers_schedule_on_the_weighted_mean_rank():
     """rate 0 (the default): Pruning's adaptive threshold, on the clients' example-weighted
     mean rank scaled to [0, 1] instead of the aux activations; restated with the oracle."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from client.training import input_ranks
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    model, initial, g = _backdoored_model("cpu")
-    aux_x, aux_y = _features(200, False, g)
     sizes = (50, 80, 100)
-    clients = [_features(n, False, g)[0] for n in sizes]
-    strategy = AGGREGATIONS["fedavg"](ExperimentConfig.defaults(num_clients=3), frozenset(), ReplyLimits.uniform(3, 100))
-    inp = PostTrainingInput(model, initial, aux_x, aux_y, grid=RankingGrid(clients), strategy=strategy)
+    model, _, aux_x, aux_y, clients, _, inp = _fedpruning_input(RankingGrid, sizes)
     state, info = FedPruning(rate=0.0, extreme=0.0, step=0.01, rho=0.02, layer="fc1").apply(inp)
 
     weights = {k: v.detach() for k, v in model.state_dict().items()}
