@@ -11,7 +11,7 @@ from strategies.post_training import PostTrainingInput
 from strategies.post_training.flain import flip_updates, rescale
 from strategies.post_training.flain_cv import FlainCV, candidate_counts, select_count, stratified_folds
 from strategies.post_training.flip_path import accuracy, flip_path_logits
-from tests.test_post_training import BACKDOOR, Z, _backdoored_model, _features, _fresh, _rates
+from tests.test_post_training import BACKDOOR, Z, _accuracy, _backdoored_model, _features, _fresh, _rates
 
 
 def test_flip_path_equals_evaluating_each_rescaled_model():
@@ -94,17 +94,13 @@ def test_flain_cv_removes_the_planted_backdoor_within_tolerance(scores):
     x = np.sort(aux_x.mean(0).double().numpy())
     counts = candidate_counts(aux_x.mean(0).double().numpy(), 0.001)
 
-    def aux_accuracy(weights):
-        with torch.no_grad():
-            return (_fresh(weights, "cpu")(aux_x).argmax(1) == aux_y).float().mean().item()
-
     assert set(info) == {"layer", "flipped", "inputs", "threshold", "estimated_drop", "exhausted", "aux_acc_before",
                          "aux_acc_after", "rule", "evaluations", "search_seconds"}
     assert (info["layer"], info["inputs"], info["exhausted"], info["evaluations"]) == ("fc1", Z, False, len(counts))
     assert info["threshold"] == pytest.approx(x[info["flipped"] - 1]) and info["estimated_drop"] <= 0.01
     assert info["rule"] == {"scores": scores, "select": "last-within", "tol": 0.01, "folds": 5, "accuracy": "soft"}
-    assert info["aux_acc_before"] == aux_accuracy(model.state_dict()) and info["aux_acc_after"] == aux_accuracy(state)
-    assert 0 < info["search_seconds"] < 600
+    assert info["aux_acc_before"] == _accuracy(model.state_dict(), aux_x, aux_y) and info["aux_acc_after"] == _accuracy(state, aux_x, aux_y)
+    assert isinstance(info["search_seconds"], float)  # its value is timing: benchmarks/, not here
     plain = FlainCV(tol=0.01, scores=scores, layer="fc1", seed=1, soft=False, balanced=True, select="first-beyond")
     assert plain.apply(PostTrainingInput(model, initial, aux_x, aux_y))[1]["rule"] == {
         "scores": scores, "select": "first-beyond", "tol": 0.01, "folds": 5, "accuracy": "balanced"}

@@ -78,6 +78,12 @@ def _fresh(state: dict[str, torch.Tensor], device: str) -> nn.Sequential:
     return model.to(device).eval()
 
 
+def _accuracy(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """The planted model with `state`, its plain accuracy on (x, y), on the CPU."""
+    with torch.no_grad():
+        return (_fresh(state, "cpu")(x).argmax(1) == y).float().mean().item()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", COMPUTE_DEVICES)
 def test_flain_removes_a_planted_backdoor(device):
@@ -116,8 +122,7 @@ def test_pruning_apply_zeroes_the_silent_inputs(device):
     aux_x, aux_y = aux_x.cpu(), aux_y.cpu()
 
     def evaluate(w):
-        with torch.no_grad():
-            return (_fresh({**weights, "fc1.weight": w}, "cpu")(aux_x).argmax(1) == aux_y).float().mean().item()
+        return _accuracy({**weights, "fc1.weight": w}, aux_x, aux_y)
 
     want, pruned, lam = oracles.pruning(aux_x.mean(0).double().numpy(), weights["fc1.weight"], 0.001, 0.02, evaluate)
     assert (info["pruned"], info["threshold"]) == (pruned, pytest.approx(lam, abs=1e-8))
@@ -352,8 +357,7 @@ def test_fedpruning_by_default_prunes_by_the_papers_schedule_on_the_weighted_mea
     mean_rank = (np.array(sizes, dtype=np.float64)[:, None] * ranks).sum(0) / sum(sizes) / (Z - 1)
 
     def evaluate(w):
-        with torch.no_grad():
-            return (_fresh({**weights, "fc1.weight": w}, "cpu")(aux_x).argmax(1) == aux_y).float().mean().item()
+        return _accuracy({**weights, "fc1.weight": w}, aux_x, aux_y)
 
     want, pruned, _ = oracles.pruning(mean_rank, weights["fc1.weight"], 0.01, 0.02, evaluate)
     assert torch.equal(state["fc1.weight"], want)

@@ -86,7 +86,6 @@ def _walk(features: torch.Tensor, w0: torch.Tensor, w: torch.Tensor, bias: torch
         yield rest(z.to(features.dtype))
 
 
-
 class IncrementalFlips:
     """Aux accuracy of the flipped model W* of Eq. (7), unrescaled, for flip masks that
     grow (Algorithm 1's search): only the newly flipped inputs are applied (`RankOneFlips`),
