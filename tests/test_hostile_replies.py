@@ -73,7 +73,10 @@ def _lie(case: str) -> RecordDict:
         "nan": Array(np.full(SHAPE, np.nan, np.float32)),
         "inf": Array(np.full(SHAPE, -np.inf, np.float32)),
         "transposed": Array(_weights(0).T.copy()),
+        "undecodable": Array(dtype="float32", shape=SHAPE, stype=one.stype, data=b"not an array"),
     }
+    if case == "renamed-array":
+        return RecordDict({"arrays": ArrayRecord({"v": Array(_weights(0))}), "metrics": metrics})
     return RecordDict({"arrays": ArrayRecord({"w": lies[case]}), "metrics": metrics})
 
 
@@ -81,7 +84,37 @@ CASES = ["examples-inf", "examples-huge", "examples-negative", "examples-zero", 
          "examples-over-partition", "partition-out-of-range", "partition-fractional", "loss-inf", "extra-metric",
          "missing-examples", "two-array-records", "no-metric-record", "two-metric-records", "config-record",
          "renamed-array-record", "declared-shape", "float64", "int64", "bool", "complex-nan", "nan", "inf",
-         "transposed"]
+         "transposed", "undecodable", "renamed-array"]
+
+CAP = "is not allowed: must be 1..1000, the most its partition holds"
+REASONS = {  # written by hand from each lie (16 partitions of at most 1000 examples: tests/grids.py)
+    "examples-inf": "metric num-examples=inf is not a finite number",
+    "examples-huge": f"num-examples=1e+300 {CAP}",
+    "examples-negative": f"num-examples=-50.0 {CAP}",
+    "examples-zero": f"num-examples=0 {CAP}",
+    "examples-nan": "metric num-examples=nan is not a finite number",
+    "examples-over-partition": f"num-examples=1001 {CAP}",
+    "partition-out-of-range": "partition-id=99 is not a partition (0..15)",
+    "partition-fractional": "partition-id=0.5 is not a partition (0..15)",
+    "loss-inf": "metric train-loss=inf is not a finite number",
+    "extra-metric": "metrics differ from the expected keys: missing [], unexpected ['extra']",
+    "missing-examples": "metrics differ from the expected keys: missing ['num-examples'], unexpected []",
+    "two-array-records": "expected one ArrayRecord 'arrays', got ['arrays', 'more']",
+    "no-metric-record": "expected one MetricRecord 'metrics', got []",
+    "two-metric-records": "expected one MetricRecord 'metrics', got ['metrics', 'more']",
+    "config-record": "unexpected ConfigRecords ['cfg']",
+    "renamed-array-record": "expected one ArrayRecord 'arrays', got ['weights']",
+    "declared-shape": "w has shape (1,), expected (2, 3)",
+    "float64": "w has dtype float64, expected float32",
+    "int64": "w has dtype int64, expected float32",
+    "bool": "w has dtype bool, expected float32",
+    "complex-nan": "w has dtype complex64, expected float32",  # the dtype is checked first
+    "nan": "w holds NaN or Inf",
+    "inf": "w holds NaN or Inf",
+    "transposed": "w has shape (3, 2), expected (2, 3)",
+    "undecodable": "w cannot be decoded: ",  # then numpy's own words
+    "renamed-array": "arrays differ from the model's: missing ['w'], unexpected ['v']",
+}
 
 
 def _strategy(name: str):
@@ -113,7 +146,10 @@ def test_a_lie_changes_nothing_and_is_recorded(name, case):
     # never admitted: the partition its reply named, where it named one of this run's
     unnamed = {"no-metric-record", "partition-out-of-range", "partition-fractional"}
     assert failure["partition"] == (None if case in unnamed else 0)
-    assert failure["reason"]
+    if case == "undecodable":
+        assert failure["reason"].startswith(REASONS[case])
+    else:
+        assert failure["reason"] == REASONS[case]
 
 
 @pytest.mark.parametrize("name", ["fedavg", "rlr", "invariant", "median"])
@@ -232,3 +268,36 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(name):
     forward, _ = _round(_strategy(name), contents(range(N)))
     backward, _ = _round(_strategy(name), contents(reversed(range(N))))
     assert np.array_equal(forward["w"].numpy(), backward["w"].numpy())
+
+
+def test_an_admitted_malicious_reply_is_logged_with_what_it_reports():
+    """attack_log: round, node and every metric of a malicious reply but `malicious`;
+    honest replies leave no entry."""
+    strategy = _strategy("fedavg")
+    contents = {p: _honest(p) for p in range(3)}
+    contents[2] = RecordDict({"arrays": ArrayRecord({"w": Array(_weights(2))}),
+                              "metrics": train_metrics(12, 2, malicious=1.0, poisoned=7.0, **{"update-norm": 0.5})})
+    _round(strategy, contents)
+    want = {key: 0.0 for key in TRAIN_METRICS if key != "malicious"} | {
+        "num-examples": 12, "partition-id": 2, "poisoned": 7.0, "update-norm": 0.5}
+    assert strategy.attack_log == [{"round": 1, "node": 3, **want}] and strategy.failures == []
+
+
+def test_an_error_reply_is_recorded_and_left_to_flower():
+    from flwr.app import Error
+
+    strategy = _strategy("fedavg")
+    sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32))}),
+                                         ConfigRecord(), LocalGrid(N)))
+    by_node = {msg.metadata.dst_node_id: msg for msg in sent}
+    replies = [Message(content=_honest(0), reply_to=by_node[1]),
+               Message(error=Error(code=0, reason="node died"), reply_to=by_node[2])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.array_equal(arrays["w"].numpy(), _weights(0))  # the one admitted reply
+    assert strategy.failures == [{"round": 1, "node": 2, "partition": None, "kind": "error", "reason": "node died"}]
+
+
+def test_a_reply_before_any_model_was_sent_is_refused():
+    strategy = _strategy("fedavg")
+    reply = Message(content=_honest(0), dst_node_id=0, message_type="train")
+    assert strategy.admit(1, reply) == "no model was sent this round"

@@ -343,3 +343,39 @@ def test_fltrust_root_set_is_disjoint_from_aux_and_left_out_of_the_evaluation():
     assert np.array_equal(root, root_split(cfg, labels, aux)[0])  # seeded
     none, everything = root_split(cfg.replace(aggregation="fedavg"), labels, aux)
     assert len(none) == 0 and len(everything) == 10_000 - len(aux)
+
+
+def test_flame_with_three_clients_leaves_the_odd_one_out():
+    # the smallest case HDBSCAN decides (min_cluster_size 2 of 3); fewer admit everyone
+    d = cosine_distances(np.array([[1.0, 0.0], [1.0, 0.01], [-1.0, 0.0]]))
+    assert largest_cluster(d).tolist() == [True, True, False]
+    assert largest_cluster(cosine_distances(np.array([[1.0, 0.0], [-1.0, 0.0]]))).tolist() == [True, True]
+
+
+def test_flame_rule_clusters_the_local_models_the_clients_sent_not_their_updates():
+    """From a non-zero model the colluders' updates (-2) point away from the honest ones, but
+    their local models (current + update = -1 + noise) are what FLAME clusters: the oracle is
+    HDBSCAN on the replied models themselves."""
+    cfg = ExperimentConfig.defaults(num_clients=10, aggregation="flame", flame_lambda=0.0)
+    strategy = AGGREGATIONS["flame"](cfg, BUFFERS, LIMITS)
+    rng = np.random.default_rng(3)
+    start = np.ones((2, 3))
+    updates = [0.3 * rng.standard_normal((2, 3)) for _ in range(7)]
+    updates += [-2.0 * np.ones((2, 3)) + 0.01 * rng.standard_normal((2, 3)) for _ in range(3)]
+    _round(strategy, 1, start, updates)
+    models = np.array([(start + u).astype(np.float32).astype(np.float64).ravel() for u in updates])
+    want = largest_cluster(cosine_distances(models))
+    entry = strategy.defense_log[0]
+    assert entry["admitted"] == [i for i in range(10) if want[i]] and {7, 8, 9} <= set(entry["excluded"])
+    assert entry["noise_std"] == 0.0
+
+
+def test_flame_noise_is_lambda_times_the_bound_and_new_each_round():
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation="flame", flame_lambda=0.5)
+    strategy = AGGREGATIONS["flame"](cfg, BUFFERS, LIMITS)
+    updates = [np.full((2, 3), 1.0), np.full((2, 3), 2.0), np.full((2, 3), 1.5)]  # norms sqrt6 x (1, 2, 1.5)
+    first = _round(strategy, 1, np.zeros((2, 3)), updates)["fc.weight"].numpy()
+    second = _round(strategy, 2, np.zeros((2, 3)), updates)["fc.weight"].numpy()
+    bound = 1.5 * np.sqrt(6)
+    assert [e["noise_std"] for e in strategy.defense_log] == [pytest.approx(0.5 * bound)] * 2
+    assert not np.allclose(first, second)  # each round draws its own noise
