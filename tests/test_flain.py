@@ -56,6 +56,26 @@ def test_thresholds_jump_only_where_flipped_set_changes():
     assert naive == [1, 4, 10]
 
 
+@pytest.mark.parametrize("mu, step", [(0.0, 0.001), (0.00037, 0.0001), (0.5, 0.003), (0.123, 0.01)])
+def test_thresholds_settle_float_rounding_like_the_plain_walk(mu, step):
+    """Scores on the grid mu + k*step (k < 2000) and one float above each, where
+    ceil((x - mu)/step) is one off either way (both happen on these grids): each score's first
+    k, by the plain walk, is where the set changes, exactly."""
+    lattice = mu + np.arange(0, 2000) * step
+    x = np.concatenate([lattice, np.nextafter(lattice, np.inf)])
+    got_mu, ks = thresholds(x, step)
+    first = set()
+    for v in np.unique(x):
+        k = max(1, int((v - mu) / step) - 2)  # a start below the answer (checked), then walk
+        assert k == 1 or mu + (k - 1) * step < v
+        while mu + k * step < v:
+            k += 1
+        first.add(k)
+    assert got_mu == mu and ks.tolist() == sorted(first)
+    # the smallest case: (mu + step - mu) / step is 1.0000000000000009, yet mu + 1*step takes it
+    assert thresholds(np.array([mu, mu + step]), step)[1].tolist() == [1]
+
+
 def _problem(seed: int, z: int = 40, parts: bool = False):
     """A random head (tau = fc, then ReLU + classifier) with cached tau inputs."""
     g = torch.Generator().manual_seed(seed)
