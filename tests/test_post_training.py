@@ -104,6 +104,25 @@ def test_flain_removes_a_planted_backdoor(device):
     alone = dict(model.state_dict(), **{"fc1.weight": flip_updates(initial["fc1.weight"], model.fc1.weight.detach(), only)})
     acc, asr = _rates(_fresh(alone, device), g, device)
     assert asr < 0.05 and acc >= acc0 - 0.01, (acc, asr)
+    # the oracle: Algorithm 1 written out (tests/oracles.py) on tau = fc1, the model's first
+    # layer, whose inputs' mean is the aux images' mean; every result field
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    aux_x, aux_y = aux_x.cpu(), aux_y.cpu()
+
+    def evaluate(w):
+        return _accuracy({**weights, "fc1.weight": w}, aux_x, aux_y)
+
+    naive = oracles.algorithm1(aux_x.mean(0).double().numpy(), initial["fc1.weight"].cpu(), weights["fc1.weight"],
+                               0.001, 0.02, evaluate)
+    assert torch.allclose(state["fc1.weight"].cpu(), naive.weight, rtol=1e-5, atol=1e-6)
+    assert (info["threshold"], info["flipped"], info["aux_acc_before"], info["aux_acc_at_stop"]) == (
+        pytest.approx(naive.threshold, abs=1e-8), naive.flipped, naive.acc0, pytest.approx(naive.acc1, abs=1e-6))
+    assert info["aux_acc_after"] == pytest.approx(evaluate(state["fc1.weight"].cpu()), abs=1e-6)
+    assert (info["layer"], info["inputs"], info["exhausted"], info["split"]) == ("fc1", Z, naive.exhausted, True)
+    curve = info["search_curve"]
+    assert len(curve["flipped"]) == len(curve["aux_acc"]) == info["evaluations"] >= 2
+    assert curve["flipped"][-1] == naive.flipped and curve["aux_acc"][-1] == pytest.approx(naive.acc1, abs=1e-6)
+    assert curve["flipped"] == sorted(set(curve["flipped"]))  # each step flips more: only where the set changes
 
 
 @pytest.mark.slow
