@@ -168,3 +168,40 @@ def test_rule_counts_are_refused_exactly_at_their_bounds(changes, refused):
             check_experiment(cfg)
     else:
         check_experiment(cfg)
+
+
+# each rule built from a configuration that differs from every default, the expected values
+# written out here (FLTrust's server update needs the data set: tests/grids.py stands in for it)
+NON_DEFAULT = dict(num_clients=9, min_clients=4, seed=7, rlr_theta=3, rlr_eta=0.5, trim_beta=0.3,
+                   invariant_threshold=0.7, invariant_beta=0.15, flame_lambda=0.002, clip_norm=2.5,
+                   dp_sigma=0.04, krum_f=2, multikrum_m=5)
+BUILT = {
+    "rlr": {"theta": 3, "eta": 0.5}, "trimmed-mean": {"beta": 0.3},
+    "invariant": {"threshold": 0.7, "beta": 0.15}, "flame": {"noise": 0.002, "seed": 7},
+    "norm-clipping": {"clip": 2.5, "sigma": 0.0}, "weak-dp": {"clip": 2.5, "sigma": 0.04, "seed": 7},
+    "krum": {"num_malicious_nodes": 2}, "multikrum": {"num_malicious_nodes": 2, "num_nodes_to_select": 5},
+    "bulyan": {"num_malicious_nodes": 2}, "fedavg": {}, "median": {}, "foolsgold": {}, "fltrust": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_each_rule_is_built_from_the_configuration(name):
+    from strategies import AGGREGATIONS
+    from tests.grids import LIMITS, build_rule
+
+    assert set(BUILT) == set(AGGREGATIONS)
+    buffers = frozenset({"bn.running_mean"})
+    rule = build_rule(name, ExperimentConfig.defaults(aggregation=name, **NON_DEFAULT), buffers)
+    # every client of the round trains, none evaluates, a round needs min-clients replies
+    assert (rule.fraction_train, rule.fraction_evaluate, rule.min_train_nodes, rule.min_available_nodes) == (
+        1.0, 0.0, 4, 4)
+    assert rule.limits is LIMITS and rule.weighted_by_key == "num-examples"
+    assert {key: getattr(rule, key) for key in BUILT[name]} == BUILT[name]
+    if hasattr(rule, "buffer_keys"):
+        assert rule.buffer_keys == buffers
+
+
+def test_rlr_theta_zero_means_a_majority_of_each_rounds_replies():
+    from tests.grids import build_rule
+
+    assert build_rule("rlr", ExperimentConfig.defaults(aggregation="rlr", rlr_theta=0)).theta is None
