@@ -379,3 +379,31 @@ def test_flame_noise_is_lambda_times_the_bound_and_new_each_round():
     bound = 1.5 * np.sqrt(6)
     assert [e["noise_std"] for e in strategy.defense_log] == [pytest.approx(0.5 * bound)] * 2
     assert not np.allclose(first, second)  # each round draws its own noise
+
+
+@pytest.mark.parametrize("name", ["rlr", "invariant", "flame", "foolsgold", "norm-clipping"])
+def test_update_rules_report_the_example_weighted_train_metrics(name):
+    """What Flower's FedAvg reports per round (rounds.csv's train loss): the example-weighted
+    mean, 1.0 x 10/40 + 4.0 x 30/40 = 3.25; a rule with nothing to say logs nothing. (Two
+    orthogonal updates: FoolsGold refuses clients that all look alike.)"""
+    cfg = ExperimentConfig.defaults(num_clients=2, aggregation=name, flame_lambda=0.0, invariant_beta=0.0)
+    strategy = AGGREGATIONS[name](cfg, BUFFERS, LIMITS)
+    start = np.zeros((2, 3))
+    sent = list(strategy.configure_train(1, _state(start), ConfigRecord(), LocalGrid(2)))
+    replies = [Message(content=RecordDict({"arrays": _state(start + u), "metrics": train_metrics(n, i, **{"train-loss": loss})}),
+                       reply_to=m) for i, (m, u, n, loss) in enumerate(zip(sent, np.eye(6)[[0, 4]].reshape(2, 2, 3),
+                                                                            [10, 30], [1.0, 4.0]))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["train-loss"] == pytest.approx(3.25)
+    if name in ("rlr", "invariant"):
+        assert strategy.defense_log == []
+
+
+def test_an_update_rule_with_only_failed_replies_keeps_the_model():
+    from flwr.app import Error
+
+    strategy = AGGREGATIONS["rlr"](ExperimentConfig.defaults(num_clients=2, aggregation="rlr"), BUFFERS, LIMITS)
+    sent = list(strategy.configure_train(1, _state(np.zeros((2, 3))), ConfigRecord(), LocalGrid(2)))
+    replies = [Message(error=Error(code=0, reason="gone"), reply_to=m) for m in sent]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert [f["kind"] for f in strategy.failures] == ["error", "error"] and strategy.defense_log == []
