@@ -297,6 +297,7 @@ def test_each_defense_notes_what_it_did():
     flain = {"threshold": 0.00812, "flipped": 4767, "inputs": 9216}
     assert Flain.note(flain) == "lambda=0.0081 flipped=4767/9216"
     assert Flain.note(flain | {"exhausted": True}) == "lambda=0.0081 flipped=4767/9216 (all flipped)"
+    assert Flain.note({"threshold": 0.1, "flipped": 3}) == "lambda=0.1000 flipped=3/?"  # a result written before `inputs`
     cv = {"flipped": 3454, "inputs": 9216, "estimated_drop": 0.01683}
     assert FlainCV.note(cv) == "flipped=3454/9216 (cross-fitted aux drop 0.0168)"
     assert FlainCV.note(cv | {"exhausted": True}) == ("flipped=3454/9216 (cross-fitted aux drop 0.0168)"
