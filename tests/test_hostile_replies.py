@@ -301,3 +301,8 @@ def test_a_reply_before_any_model_was_sent_is_refused():
     strategy = _strategy("fedavg")
     reply = Message(content=_honest(0), dst_node_id=0, message_type="train")
     assert strategy.admit(1, reply) == "no model was sent this round"
+
+
+def test_uniform_limits_keep_the_metrics_they_are_given():
+    assert ReplyLimits.uniform(3, 7, frozenset({"num-examples"})) == ReplyLimits((7, 7, 7), frozenset({"num-examples"}))
+    assert ReplyLimits.uniform(2, 5) == ReplyLimits((5, 5), TRAIN_METRICS)

@@ -66,6 +66,7 @@ def test_flame_noise_has_std_lambda_times_the_bound():
     updates[:, 0] = [1.0, 2.0, 3.0, 4.0, 5.0]  # median norm 3
     step, _, bound, _ = flame_step(updates + 1.0, updates, 0.01, np.random.default_rng(5))
     assert bound == 3.0 and np.std(step[1:]) == pytest.approx(0.03, rel=0.01)
+    assert abs(np.mean(step[1:])) < 0.0005  # centred: 6 standard errors (0.03 / sqrt(2e5) = 7e-5)
 
 
 # ---- FoolsGold -----------------------------------------------------------------------------
@@ -280,6 +281,9 @@ def test_flame_rule_on_replies_excludes_the_colluders_and_logs_it():
     entry = strategy.defense_log[0]
     admitted = entry["admitted"]
     assert {7, 8, 9} <= set(entry["excluded"]) and set(admitted) <= set(range(7)) and len(admitted) >= 6
+    norms = {i: np.linalg.norm(updates[i]) for i in admitted}
+    assert entry["clip_factors"] == {str(i): pytest.approx(min(1.0, np.median([np.linalg.norm(u) for u in updates]) / norms[i]))
+                                     for i in admitted}
     bound = np.median([np.linalg.norm(u) for u in updates])  # over all ten
     clipped = [updates[i] * min(1.0, bound / np.linalg.norm(updates[i])) for i in admitted]
     assert entry["clip_bound"] == pytest.approx(bound)
@@ -407,3 +411,26 @@ def test_an_update_rule_with_only_failed_replies_keeps_the_model():
     replies = [Message(error=Error(code=0, reason="gone"), reply_to=m) for m in sent]
     assert strategy.aggregate_train(1, replies) == (None, None)
     assert [f["kind"] for f in strategy.failures] == ["error", "error"] and strategy.defense_log == []
+
+
+def test_flame_clusters_by_cosine_distance_like_sklearns_own_cosine_metric():
+    """Five models where HDBSCAN on the distance matrix's rows (euclidean, the metric it takes
+    without `precomputed`) admits another set: the oracle is scikit-learn's HDBSCAN with its own
+    cosine metric on the models."""
+    import warnings
+
+    from sklearn.cluster import HDBSCAN
+
+    models = np.array([[-0.8, -2.8, -1.9, -5.6, -2.4, 0.5, 0.7, 2.9], [0.3, 2.5, -0.2, -1.6, 3.1, -2.0, -0.6, 1.9],
+                       [0.9, 1.4, -1.8, 0.2, 0.6, -2.5, 1.4, 0.4], [-2.5, 0.6, 0.8, 1.2, 0.2, -0.2, -0.9, 0.6],
+                       [-2.3, 0.6, 0.3, 1.3, 0.4, 0.0, -0.8, 0.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # sklearn's note on `copy`'s default
+        labels = HDBSCAN(min_cluster_size=3, min_samples=1, allow_single_cluster=True, metric="cosine").fit(models).labels_
+    assert labels.tolist() == [-1, 0, 0, 0, 0]
+    assert largest_cluster(cosine_distances(models)).tolist() == [False, True, True, True, True]
+
+
+def test_cosine_distance_of_a_zero_model_is_one():
+    d = cosine_distances(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, -2.0]]))
+    assert np.array_equal(d, [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
