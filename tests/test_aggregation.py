@@ -127,6 +127,8 @@ def test_krum_family_assumes_krum_f_attackers(name):
     given = AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=20, aggregation=name, krum_f=2), frozenset(), limits)
     default = AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=10, aggregation=name), frozenset(), limits)
     assert (given.num_malicious_nodes, default.num_malicious_nodes) == (2, 4)
+    none = AGGREGATIONS[name](ExperimentConfig.defaults(num_clients=20, aggregation=name, krum_f=0), frozenset(), limits)
+    assert none.num_malicious_nodes == 0  # 0 is a setting (assume no attacker), not "auto"
 
 
 def test_multikrum_averages_multikrum_m_or_all_but_the_assumed_attackers():

@@ -434,3 +434,9 @@ def test_flame_clusters_by_cosine_distance_like_sklearns_own_cosine_metric():
 def test_cosine_distance_of_a_zero_model_is_one():
     d = cosine_distances(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, -2.0]]))
     assert np.array_equal(d, [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_flame_clip_scales_small_norms_too():
+    """Norms under 1 above the bound: factor bound / norm (0.5 / 0.8), the rest untouched."""
+    clipped, factors = clip_to(np.array([[0.8, 0.0], [0.0, 0.3], [0.0, 0.0]]), 0.5)
+    assert np.allclose(factors, [0.625, 1.0, 1.0]) and np.allclose(clipped, [[0.5, 0.0], [0.0, 0.3], [0.0, 0.0]])
