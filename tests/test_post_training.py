@@ -123,6 +123,18 @@ def test_flain_removes_a_planted_backdoor(device):
     assert len(curve["flipped"]) == len(curve["aux_acc"]) == info["evaluations"] >= 2
     assert curve["flipped"][-1] == naive.flipped and curve["aux_acc"][-1] == pytest.approx(naive.acc1, abs=1e-6)
     assert curve["flipped"] == sorted(set(curve["flipped"]))  # each step flips more: only where the set changes
+    assert set(info) == {"layer", "threshold", "flipped", "inputs", "aux_acc_before", "aux_acc_at_stop",
+                         "aux_acc_after", "exhausted", "evaluations", "exact_fallbacks", "split", "search_curve",
+                         "search_seconds"}
+    assert isinstance(info["exact_fallbacks"], int) and isinstance(info["search_seconds"], float)  # split: rank-1 scoring
+    # the authors' protocol: a given first threshold, past the six quietest inputs
+    start = float(np.sort(aux_x.mean(0).double().numpy())[5]) + 0.0005
+    state, info = Flain(step=0.001, rho=0.02, layer="fc1", start=start).apply(
+        PostTrainingInput(model, initial, aux_x.to(device), aux_y.to(device)))
+    naive = oracles.algorithm1(aux_x.mean(0).double().numpy(), initial["fc1.weight"].cpu(), weights["fc1.weight"],
+                               0.001, 0.02, evaluate, start=start)
+    assert (info["threshold"], info["flipped"]) == (pytest.approx(naive.threshold, abs=1e-8), naive.flipped)
+    assert naive.flipped >= 6 and torch.allclose(state["fc1.weight"].cpu(), naive.weight, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
