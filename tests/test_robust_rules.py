@@ -440,3 +440,34 @@ def test_flame_clip_scales_small_norms_too():
     """Norms under 1 above the bound: factor bound / norm (0.5 / 0.8), the rest untouched."""
     clipped, factors = clip_to(np.array([[0.8, 0.0], [0.0, 0.3], [0.0, 0.0]]), 0.5)
     assert np.allclose(factors, [0.625, 1.0, 1.0]) and np.allclose(clipped, [[0.5, 0.0], [0.0, 0.3], [0.0, 0.0]])
+
+
+def test_whole_model_rules_span_every_parameter_tensor():
+    """Norm clipping over two tensors of different shapes: the norm is the whole update's
+    (sqrt(6 x 1 + 4 x 0.25) = sqrt 7), and each tensor gets its own part of the step back."""
+    cfg = ExperimentConfig.defaults(num_clients=2, aggregation="norm-clipping", clip_norm=1.0)
+    strategy = AGGREGATIONS["norm-clipping"](cfg, frozenset(), LIMITS)
+    start = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+    updates = [{"a": np.ones((2, 3)), "b": np.full(4, 0.5)}, {"a": np.zeros((2, 3)), "b": np.array([0.1, 0, 0, 0])}]
+    record = lambda arrays: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()})  # noqa: E731
+    sent = list(strategy.configure_train(1, record(start), ConfigRecord(), LocalGrid(2)))
+    replies = [Message(content=RecordDict({"arrays": record(u), "metrics": train_metrics(n, i)}), reply_to=m)
+               for i, (m, u, n) in enumerate(zip(sent, updates, [10, 30]))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    s = 1 / np.sqrt(7)
+    assert np.allclose(arrays["a"].numpy(), np.full((2, 3), 0.25 * s), atol=1e-7)
+    assert np.allclose(arrays["b"].numpy(), 0.25 * 0.5 * s + 0.75 * np.array([0.1, 0, 0, 0]), atol=1e-7)
+    assert strategy.defense_log[0]["clip_factors"] == {"0": pytest.approx(s), "1": 1.0}
+
+
+def test_a_refused_round_is_logged_with_the_rule_and_the_reason(caplog):
+    caplog.set_level("WARNING", logger="flwr")
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation="rlr", rlr_theta=3)
+    strategy = AGGREGATIONS["rlr"](cfg, BUFFERS, LIMITS)
+    sent = list(strategy.configure_train(1, _state(np.zeros((2, 3))), ConfigRecord(), LocalGrid(3)))
+    replies = [Message(content=RecordDict({"arrays": _state(np.ones((2, 3))), "metrics": train_metrics(10, i)}), reply_to=m)
+               for i, m in enumerate(sent[:2])]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    reason = "rlr-theta=3 but only 2 replies: no coordinate could reach it and every weight would move against the mean update"
+    assert f"round 1 refused by GuardedRobustLR: {reason}" in [r.getMessage() for r in caplog.records]
+    assert strategy.failures == [{"round": 1, "node": 0, "partition": None, "kind": "refused", "reason": reason}]
