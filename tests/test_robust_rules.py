@@ -443,12 +443,13 @@ def test_flame_clip_scales_small_norms_too():
 
 
 def test_whole_model_rules_span_every_parameter_tensor():
-    """Norm clipping over two tensors of different shapes: the norm is the whole update's
+    """Norm clipping over three tensors of different shapes: the norm is the whole update's
     (sqrt(6 x 1 + 4 x 0.25) = sqrt 7), and each tensor gets its own part of the step back."""
     cfg = ExperimentConfig.defaults(num_clients=2, aggregation="norm-clipping", clip_norm=1.0)
     strategy = AGGREGATIONS["norm-clipping"](cfg, frozenset(), LIMITS)
-    start = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
-    updates = [{"a": np.ones((2, 3)), "b": np.full(4, 0.5)}, {"a": np.zeros((2, 3)), "b": np.array([0.1, 0, 0, 0])}]
+    start = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32), "c": np.zeros(2, np.float32)}
+    updates = [{"a": np.ones((2, 3)), "b": np.full(4, 0.5), "c": np.zeros(2)},
+               {"a": np.zeros((2, 3)), "b": np.array([0.1, 0, 0, 0]), "c": np.array([0.2, 0.0])}]  # norm 0.22
     record = lambda arrays: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()})  # noqa: E731
     sent = list(strategy.configure_train(1, record(start), ConfigRecord(), LocalGrid(2)))
     replies = [Message(content=RecordDict({"arrays": record(u), "metrics": train_metrics(n, i)}), reply_to=m)
@@ -457,6 +458,7 @@ def test_whole_model_rules_span_every_parameter_tensor():
     s = 1 / np.sqrt(7)
     assert np.allclose(arrays["a"].numpy(), np.full((2, 3), 0.25 * s), atol=1e-7)
     assert np.allclose(arrays["b"].numpy(), 0.25 * 0.5 * s + 0.75 * np.array([0.1, 0, 0, 0]), atol=1e-7)
+    assert np.allclose(arrays["c"].numpy(), [0.75 * 0.2, 0.0], atol=1e-7)
     assert strategy.defense_log[0]["clip_factors"] == {"0": pytest.approx(s), "1": 1.0}
 
 
