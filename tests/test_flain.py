@@ -232,3 +232,15 @@ def test_a_given_start_is_the_first_threshold_as_in_the_authors_code():
     # a start below every score: the first thresholds flip nothing and cost nothing
     stop = adaptive_threshold(x, 0.0001, 0.005, 1.0, accuracy, start=0.0)
     assert stop.steps == 3 and stop.mask.sum() == 1
+
+
+def test_incremental_flips_of_a_tau_without_bias_match_the_plain_evaluation():
+    x, w0, w, head, feats, labels = _problem(3, parts=True)
+    with torch.no_grad():
+        head.fc.bias.zero_()  # the same head as one whose tau has no bias
+        head.out.weight.mul_(20)
+    evaluate = head_accuracy(head, "fc", feats, labels)
+    fast = IncrementalFlips(feats, labels, w0, w, None, head[1:], lambda mask: evaluate(flip_updates(w0, w, mask)))
+    for k in range(1, 30):
+        mask = x <= x.min() + k * 0.003
+        assert fast(mask) == evaluate(flip_updates(w0, w, mask))
