@@ -244,3 +244,13 @@ def test_incremental_flips_of_a_tau_without_bias_match_the_plain_evaluation():
     for k in range(1, 30):
         mask = x <= x.min() + k * 0.003
         assert fast(mask) == evaluate(flip_updates(w0, w, mask))
+
+
+@pytest.mark.parametrize("search", [flain_search, flain_search_reference])
+def test_both_searches_take_a_given_first_threshold(search):
+    x, w0, w, evaluate = _problem(4)
+    start = float(np.sort(x)[4]) + 0.0001  # past the five quietest inputs
+    got = search(x, w0, w, 0.001, 0.02, evaluate, start=start)
+    naive = oracles.algorithm1(x, w0, w, 0.001, 0.02, evaluate, start=start)
+    assert (got.threshold, got.flipped) == (pytest.approx(naive.threshold, abs=1e-12), naive.flipped) and naive.flipped >= 5
+    assert torch.allclose(got.weight, naive.weight, rtol=1e-6, atol=1e-7)

@@ -14,23 +14,34 @@ from strategies.post_training.flip_path import accuracy, flip_path_logits
 from tests.test_post_training import BACKDOOR, Z, _accuracy, _backdoored_model, _features, _fresh, _rates
 
 
-def test_flip_path_equals_evaluating_each_rescaled_model():
+@pytest.mark.parametrize("size, with_bias", [(1.0, True), (0.01, False)])
+def test_flip_path_equals_evaluating_each_rescaled_model(size, with_bias):
+    """Against W* written into the head and rescaled, at each count; also a tau whose
+    ||W||_F is under 1 (about 0.4) and one without bias."""
     g = torch.Generator().manual_seed(3)
-    head = nn.Sequential(OrderedDict(fc=nn.Linear(30, 12), relu=nn.ReLU(), out=nn.Linear(12, 4))).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        head = nn.Sequential(OrderedDict(fc=nn.Linear(30, 12), relu=nn.ReLU(), out=nn.Linear(12, 4))).eval()
+    with torch.no_grad():
+        head.fc.weight.mul_(size)
+        if not with_bias:
+            head.fc.bias.zero_()
     feats = torch.relu(torch.randn(50, 30, generator=g))
     w = head.fc.weight.detach().clone()
-    w0 = w + 0.3 * torch.randn(w.shape, generator=g)
+    w0 = w + 0.3 * size * torch.randn(w.shape, generator=g)
     order = torch.randperm(30, generator=g).numpy()
     counts = np.array([0, 1, 2, 7, 7, 15, 30])
-    got = list(flip_path_logits(feats, w0, w, head.fc.bias.detach(), head[1:], order, counts))
+    bias = head.fc.bias.detach() if with_bias else None
+    got = list(flip_path_logits(feats, w0, w, bias, head[1:], order, counts))
     for n, logits in zip(counts, got):
         mask = np.zeros(30, dtype=bool)
         mask[order[:n]] = True
         with torch.no_grad():
             head.fc.weight.copy_(rescale(flip_updates(w0, w, mask), torch.linalg.matrix_norm(w).item()))
             want = head(feats)
-        assert torch.allclose(logits, want, atol=1e-5), n
-    with pytest.raises(ValueError, match="ascending"):
+        assert torch.allclose(logits, want, atol=1e-5 * size), n
+    assert (torch.linalg.matrix_norm(w).item() < 1) == (size < 1)
+    with pytest.raises(ValueError, match="^counts must be ascending$"):
         list(flip_path_logits(feats, w0, w, None, head[1:], order, np.array([3, 1])))
 
 

@@ -473,3 +473,17 @@ def test_a_refused_round_is_logged_with_the_rule_and_the_reason(caplog):
     reason = "rlr-theta=3 but only 2 replies: no coordinate could reach it and every weight would move against the mean update"
     assert f"round 1 refused by GuardedRobustLR: {reason}" in [r.getMessage() for r in caplog.records]
     assert strategy.failures == [{"round": 1, "node": 0, "partition": None, "kind": "refused", "reason": reason}]
+
+
+def test_a_round_a_rule_judges_away_is_logged_and_recorded(caplog):
+    """FoolsGold with three identical clients: every weight 0, the round refused in round 2
+    (round 1 is aggregated normally), the model kept, the reason logged and recorded."""
+    caplog.set_level("WARNING", logger="flwr")
+    strategy = AGGREGATIONS["foolsgold"](ExperimentConfig.defaults(num_clients=3, aggregation="foolsgold"), BUFFERS, LIMITS)
+    e = np.eye(6).reshape(6, 2, 3)
+    assert _round(strategy, 1, np.zeros((2, 3)), [e[0], e[1], e[2]]) is not None
+    assert _round(strategy, 2, np.zeros((2, 3)), [e[3] + e[4] - e[i] for i in range(3)]) is None  # histories all e3 + e4
+    reason = "FoolsGold gave every client weight 0: the model stays"
+    assert f"round 2 refused by GuardedFoolsGold: {reason}" in [r.getMessage() for r in caplog.records]
+    assert strategy.failures == [{"round": 2, "node": 0, "partition": None, "kind": "refused", "reason": reason}]
+    assert strategy.defense_log[-1]["round"] == 1  # nothing logged for the refused round
