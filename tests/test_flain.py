@@ -13,6 +13,7 @@ from strategies.post_training.flain import (
     flain_search,
     flain_search_reference,
     flip_updates,
+    frobenius,
     rescale,
 )
 from strategies.post_training.flip_path import IncrementalFlips
@@ -38,6 +39,19 @@ def test_rescale_restores_frobenius_norm():
     w = torch.randn(4, 5)
     out = rescale(w * 3.0, torch.linalg.matrix_norm(w).item())
     assert torch.allclose(out, w, atol=1e-6)
+
+
+def test_rescale_hits_the_norm_of_a_large_float32_layer():
+    """A 256 x 9216 layer (tau of the FMNIST network): summed in float32 its norm is off by
+    about 1e-5 relative; the rescaled W* must have the trained norm to float32's resolution."""
+    g = torch.Generator().manual_seed(0)
+    w = 0.01 * torch.randn(256, 9216, generator=g)
+    w_star = w.clone()
+    w_star[:, :3000] *= -1.7
+    want = torch.sqrt((w.double() ** 2).sum()).item()  # the norm summed in float64 by hand
+    got = rescale(w_star, frobenius(w))
+    assert got.dtype == torch.float32
+    assert torch.sqrt((got.double() ** 2).sum()).item() == pytest.approx(want, rel=2e-7)
 
 
 def test_thresholds_jump_only_where_flipped_set_changes():

@@ -41,7 +41,7 @@ import torch
 from experiment import seeds
 from experiment.config import ExperimentConfig
 from strategies.post_training.base import PostTrainingInput
-from strategies.post_training.flain import flip_updates, rescale
+from strategies.post_training.flain import flip_updates, frobenius, rescale
 from strategies.post_training.flip_path import accuracy, flip_path_logits
 from strategies.post_training.tau import TauNotUsable, TauView
 from strategies.post_training.threshold import thresholds
@@ -157,7 +157,7 @@ class FlainCV:
         n = select_count(counts[: len(drops)], drops, self.tol, self.select)
         mask = np.zeros(len(tau.activations), dtype=bool)
         mask[np.argsort(tau.activations, kind="stable")[:n]] = True
-        weight = rescale(flip_updates(w0, tau.weight, mask), torch.linalg.matrix_norm(tau.weight).item())
+        weight = rescale(flip_updates(w0, tau.weight, mask), frobenius(tau.weight))
         state, aux_acc_after = tau.state_with(weight)
         i = int(np.searchsorted(counts, n))
         return state, {
