@@ -5,11 +5,13 @@ import pytest
 
 from experiment.config import ConfigError, ExperimentConfig
 from server.checks import check_experiment
+from strategies import AGGREGATIONS
 from strategies.aggregation.delta import aggregate_buffer
 from strategies.post_training.fedpruning import aggregate_ranks, clip_extremes
 from strategies.aggregation.invariant import invariant_step, sign_agreement_mask
 from strategies.post_training.pruning import prune_columns
 from strategies.aggregation.rlr import default_theta, rlr_step, robust_learning_rate
+from tests.grids import LIMITS, build_rule
 
 # 3 clients x 4 coordinates
 U = np.array([
@@ -188,9 +190,6 @@ BUILT = {
 
 @pytest.mark.parametrize("name", sorted(BUILT))
 def test_each_rule_is_built_from_the_configuration(name):
-    from strategies import AGGREGATIONS
-    from tests.grids import LIMITS, build_rule
-
     assert set(BUILT) == set(AGGREGATIONS)
     buffers = frozenset({"bn.running_mean"})
     rule = build_rule(name, ExperimentConfig.defaults(aggregation=name, **NON_DEFAULT), buffers)
@@ -204,6 +203,4 @@ def test_each_rule_is_built_from_the_configuration(name):
 
 
 def test_rlr_theta_zero_means_a_majority_of_each_rounds_replies():
-    from tests.grids import build_rule
-
     assert build_rule("rlr", ExperimentConfig.defaults(aggregation="rlr", rlr_theta=0)).theta is None

@@ -5,7 +5,7 @@ and reason. (A real run with a lying client is in test_simulation.py.)"""
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from experiment.config import ExperimentConfig
@@ -284,8 +284,6 @@ def test_an_admitted_malicious_reply_is_logged_with_what_it_reports():
 
 
 def test_an_error_reply_is_recorded_and_left_to_flower():
-    from flwr.app import Error
-
     strategy = _strategy("fedavg")
     sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32))}),
                                          ConfigRecord(), LocalGrid(N)))

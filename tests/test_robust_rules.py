@@ -5,10 +5,13 @@ BatchNorm statistics out of clipping and noise."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from sklearn.cluster import HDBSCAN
 
 from experiment.config import ExperimentConfig
 from strategies import AGGREGATIONS
@@ -404,8 +407,6 @@ def test_update_rules_report_the_example_weighted_train_metrics(name):
 
 
 def test_an_update_rule_with_only_failed_replies_keeps_the_model():
-    from flwr.app import Error
-
     strategy = AGGREGATIONS["rlr"](ExperimentConfig.defaults(num_clients=2, aggregation="rlr"), BUFFERS, LIMITS)
     sent = list(strategy.configure_train(1, _state(np.zeros((2, 3))), ConfigRecord(), LocalGrid(2)))
     replies = [Message(error=Error(code=0, reason="gone"), reply_to=m) for m in sent]
@@ -417,10 +418,6 @@ def test_flame_clusters_by_cosine_distance_like_sklearns_own_cosine_metric():
     """Five models where HDBSCAN on the distance matrix's rows (euclidean, the metric it takes
     without `precomputed`) admits another set: the oracle is scikit-learn's HDBSCAN with its own
     cosine metric on the models."""
-    import warnings
-
-    from sklearn.cluster import HDBSCAN
-
     models = np.array([[-0.8, -2.8, -1.9, -5.6, -2.4, 0.5, 0.7, 2.9], [0.3, 2.5, -0.2, -1.6, 3.1, -2.0, -0.6, 1.9],
                        [0.9, 1.4, -1.8, 0.2, 0.6, -2.5, 1.4, 0.4], [-2.5, 0.6, 0.8, 1.2, 0.2, -0.2, -0.9, 0.6],
                        [-2.3, 0.6, 0.3, 1.3, 0.4, 0.0, -0.8, 0.5]])
