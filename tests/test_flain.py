@@ -17,7 +17,7 @@ from strategies.post_training.flain import (
     rescale,
 )
 from strategies.post_training.flip_path import IncrementalFlips
-from strategies.post_training.threshold import thresholds
+from strategies.post_training.threshold import adaptive_threshold, adaptive_threshold_reference, thresholds
 from strategies.post_training.tau import head_accuracy, tau_inputs
 from models import split_at
 from tests import oracles
@@ -225,8 +225,6 @@ def test_flain_apply_changes_only_tau_weight():
 def test_a_given_start_is_the_first_threshold_as_in_the_authors_code():
     """Scores 0.0002 .. 0.003, step 0.0001, start 0.0005 (the authors' grid): lambda_k =
     0.0005 + (k-1) * 0.0001. The hand-counted stops, and the naive loop written out here."""
-    from strategies.post_training.threshold import adaptive_threshold, adaptive_threshold_reference
-
     x = np.array([0.003, 0.0002, 0.0011, 0.0006])
     accuracy = lambda mask: 1.0 - 0.01 * int(mask.sum())  # noqa: E731 - each flipped input costs 0.01
     # rho 0.005: the first threshold (0.0005) already flips 0.0002: stop at k = 1
@@ -246,6 +244,21 @@ def test_a_given_start_is_the_first_threshold_as_in_the_authors_code():
     # a start below every score: the first thresholds flip nothing and cost nothing
     stop = adaptive_threshold(x, 0.0001, 0.005, 1.0, accuracy, start=0.0)
     assert stop.steps == 3 and stop.mask.sum() == 1
+
+
+def test_a_search_that_flips_every_input_before_the_drop_reaches_rho_says_so():
+    """Scores 0.1, 0.2, 0.3, step 0.1, each flipped input costs 0.001: lambda_1 = 0.2 takes
+    two inputs (drop 0.002), lambda_2 = 0.3 all three (drop 0.003). rho 0.5: the search runs out
+    (exhausted); rho 0.003: the last threshold reaches it exactly, so it is a stop by rho."""
+    x = np.array([0.3, 0.1, 0.2])
+    accuracy = lambda mask: 1.0 - 0.001 * int(mask.sum())  # noqa: E731
+    for search in (adaptive_threshold, adaptive_threshold_reference):
+        stop = search(x, 0.1, 0.5, 1.0, accuracy)
+        assert (stop.steps, stop.mask.tolist(), stop.acc, stop.exhausted) == (2, [True] * 3, 0.997, True)
+        stop = search(x, 0.1, 0.003, 1.0, accuracy)
+        assert (stop.steps, stop.mask.tolist(), stop.acc, stop.exhausted) == (2, [True] * 3, 0.997, False)
+        stop = search(x, 0.1, 0.002, 1.0, accuracy)
+        assert (stop.steps, stop.mask.tolist(), stop.exhausted) == (1, [False, True, True], False)
 
 
 def test_incremental_flips_of_a_tau_without_bias_match_the_plain_evaluation():

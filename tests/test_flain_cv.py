@@ -45,6 +45,20 @@ def test_flip_path_equals_evaluating_each_rescaled_model(size, with_bias):
         list(flip_path_logits(feats, w0, w, None, head[1:], order, np.array([3, 1])))
 
 
+def test_flip_path_of_an_all_zero_tau_keeps_it_zero_instead_of_dividing_by_its_norm():
+    """W = W0 = 0 (a dead layer, nothing learnt): W* = 0 at every count, ||W*|| = 0, so no
+    rescaling applies and the logits are the head on tau's bias alone (a 0/0 would give NaN)."""
+    rest = nn.Sequential(nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        rest[1].weight.copy_(torch.tensor([[1.0, -1.0, 2.0], [0.5, 0.0, -1.0]]))
+        rest[1].bias.copy_(torch.tensor([0.1, -0.2]))
+    feats, zero = torch.rand(4, 5, generator=torch.Generator().manual_seed(0)), torch.zeros(3, 5)
+    bias = torch.tensor([1.0, -2.0, 0.5])
+    want = torch.tensor([1.0 * 1.0 + 0.5 * 2.0 + 0.1, 0.5 * 1.0 - 0.5 * 1.0 - 0.2]).expand(4, 2)
+    for logits in flip_path_logits(feats, zero, zero, bias, rest, np.arange(5), np.array([0, 2, 5])):
+        assert torch.allclose(logits, want, atol=1e-6)
+
+
 def test_balanced_accuracy_weights_classes_equally():
     logits = torch.tensor([[1.0, 0.0]] * 9 + [[0.0, 1.0]])  # predicts class 0 nine times, 1 once
     labels = torch.tensor([0] * 8 + [1] * 2)

@@ -160,6 +160,7 @@ def test_pruning_apply_zeroes_the_silent_inputs(device):
     assert torch.equal(state["fc1.weight"].cpu(), want)
     assert info["layer"] == "fc1" and info["inputs"] == Z and info["aux_acc_before"] == evaluate(weights["fc1.weight"])
     assert info["aux_acc_after"] == evaluate(want) and info["evaluations"] >= 2 and not info["exhausted"]
+    assert isinstance(info["search_seconds"], float)  # its value is timing: benchmarks/, not here
     # the authors' protocol: a given first threshold (flain-start) instead of min + step
     x = aux_x.mean(0).double().numpy()
     start = float(np.sort(x)[3]) + 0.0005  # past the four quietest inputs
@@ -316,6 +317,7 @@ def test_each_defense_notes_what_it_did():
                                                       " ALL FLIPPED: no threshold was chosen")
     assert FlainCV.note({"flipped": 1, "estimated_drop": 0.0}) == "flipped=1/? (cross-fitted aux drop 0.0000)"
     assert Pruning.note({"pruned": 12, "inputs": 128}) == "pruned=12/128"
+    assert Pruning.note({"pruned": 12}) == "pruned=12/?"
     assert FedPruning.note({"pruned": 2, "inputs": 20}) == "pruned=2/20"
     assert FedPruning.note({"pruned": 2}) == "pruned=2/?"
     assert FlainSubspace.note({"kept_directions": 5, "directions": 40, "eps": 0.0123, "estimated_drop": 0.0091}) == (

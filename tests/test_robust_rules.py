@@ -484,3 +484,17 @@ def test_a_round_a_rule_judges_away_is_logged_and_recorded(caplog):
     assert f"round 2 refused by GuardedFoolsGold: {reason}" in [r.getMessage() for r in caplog.records]
     assert strategy.failures == [{"round": 2, "node": 0, "partition": None, "kind": "refused", "reason": reason}]
     assert strategy.defense_log[-1]["round"] == 1  # nothing logged for the refused round
+
+
+def test_weak_dp_records_each_clients_norm_and_clip_and_draws_new_noise_each_round():
+    cfg = ExperimentConfig.defaults(num_clients=3, aggregation="weak-dp", clip_norm=3.0, dp_sigma=0.5)
+    strategy = AGGREGATIONS["weak-dp"](cfg, BUFFERS, LIMITS)
+    updates = [np.full((2, 3), 2.0), np.full((2, 3), 1.0), np.zeros((2, 3))]  # norms 2 sqrt6, sqrt6, 0
+    first = _round(strategy, 1, np.zeros((2, 3)), updates, nodes=[2, 5, 3])["fc.weight"].numpy()
+    second = _round(strategy, 2, np.zeros((2, 3)), updates, nodes=[2, 5, 3])["fc.weight"].numpy()
+    entry = strategy.defense_log[0]
+    s6 = np.sqrt(6.0)
+    assert entry["update_norms"] == {"1": pytest.approx(2 * s6), "4": pytest.approx(s6), "2": 0.0}
+    assert entry["clip_factors"] == {"1": pytest.approx(3.0 / (2 * s6)), "4": 1.0, "2": 1.0}  # sqrt6 < 3: unclipped
+    assert [e["noise_std"] for e in strategy.defense_log] == [pytest.approx(0.5)] * 2
+    assert not np.allclose(first, second)  # each round draws its own noise
