@@ -385,6 +385,7 @@ def test_flame_noise_is_lambda_times_the_bound_and_new_each_round():
     second = _round(strategy, 2, np.zeros((2, 3)), updates)["fc.weight"].numpy()
     bound = 1.5 * np.sqrt(6)
     assert [e["noise_std"] for e in strategy.defense_log] == [pytest.approx(0.5 * bound)] * 2
+    assert strategy.defense_log[0]["clip_factors"] == {"0": 1.0, "1": pytest.approx(0.75), "2": 1.0}  # by partition
     assert not np.allclose(first, second)  # each round draws its own noise
 
 
