@@ -190,12 +190,23 @@ def test_fltrust_trust_is_relu_cosine_and_updates_take_the_servers_norm():
     assert np.allclose(step, (1.0 * np.array([2.0, 0.0]) + s * np.array([np.sqrt(2), np.sqrt(2)])) / (1 + s))
 
 
+def test_fltrust_with_small_norms_and_a_zero_update_by_hand():
+    """Norms under 1 (the server's 0.5, a client's 0.6) and scores summing to under 1: cos 0.5
+    for the first client, 0 for a zero update (no division by its norm) and a reversed one."""
+    server = np.array([0.5, 0.0])
+    updates = np.array([[0.3, 0.3 * np.sqrt(3)], [0.0, 0.0], [-0.2, 0.0]])
+    step, scores = fltrust_step(updates, server)
+    assert np.allclose(scores, [0.5, 0.0, 0.0])
+    assert np.allclose(step, [0.25, 0.25 * np.sqrt(3)])  # the first update rescaled to norm 0.5
+
+
 def test_fltrust_round_with_no_trust_keeps_the_model_and_says_so():
     cfg = ExperimentConfig.defaults(num_clients=3, aggregation="fltrust")
     strategy = build_rule("fltrust", cfg, BUFFERS)  # the server's update: +1 on every parameter
     arrays = _round(strategy, 1, np.zeros((2, 3)), [-np.ones((2, 3)), -2 * np.ones((2, 3)), np.zeros((2, 3))])
     assert arrays is None
-    assert strategy.failures[-1]["kind"] == "refused" and "trust 0" in strategy.failures[-1]["reason"]
+    assert strategy.failures[-1]["kind"] == "refused" and strategy.failures[-1]["reason"] == (
+        "FLTrust: every client's update points away from the server's (trust 0): the model stays")
     assert strategy.defense_log == []
 
 
