@@ -240,6 +240,32 @@ def test_fedpruning_apply_prunes_by_the_clients_rankings():
         assert torch.allclose(tuned[key], want, atol=1e-6), key
 
 
+class TimedRankingGrid(RankingGrid):
+    """RankingGrid that records each call's deadline."""
+
+    def __init__(self, data: list[torch.Tensor]) -> None:
+        super().__init__(data)
+        self.timeouts: list[float | None] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_fedpruning_fine_tuning_continues_the_round_count_and_waits_with_a_deadline():
+    """After a 5-round training, two fine-tuning rounds are rounds 6 and 7 for the strategy
+    (its records and seeded noise are per round) and every wait on the grid has the deadline."""
+    *_, strategy, inp = _fedpruning_input(TimedRankingGrid, last_round=5)
+    rounds = []
+    for name in ("configure_train", "aggregate_train"):
+        method = getattr(strategy, name)
+        setattr(strategy, name, lambda server_round, *a, _m=method, _n=name: rounds.append((_n, server_round)) or _m(
+            server_round, *a))
+    FedPruning(rate=0.1, extreme=0.0, layer="fc1", finetune_rounds=2, timeout=123.0).apply(inp)
+    assert rounds == [("configure_train", 6), ("aggregate_train", 6), ("configure_train", 7), ("aggregate_train", 7)]
+    assert inp.grid.timeouts == [123.0] * 3  # the ranking query, then each fine-tuning round
+
+
 # ---- the evaluator -------------------------------------------------------------------
 def test_evaluator_measures_acc_on_clean_and_asr_on_stamped_source_images():
     # A 4x4 "image" model: class 1 iff the bottom-right pixel is bright.
