@@ -5,12 +5,13 @@ planted backdoor that rides on inputs every clean example lights."""
 from collections import OrderedDict
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from strategies.post_training import PostTrainingInput
 from strategies.post_training.flain import Flain, flip_updates
-from strategies.post_training.flain_subspace import (EPSILONS, FlainSubspace, augment, clean_basis,
+from strategies.post_training.flain_subspace import (EPSILONS, FlainSubspace, augment, clean_basis, spectrum,
                                                      flipped_weight, kept_directions, select_eps, subspace_flip)
 
 
@@ -154,6 +155,8 @@ def test_a_backdoor_on_active_inputs_is_removed_where_flain_leaves_it():
     assert curve["eps"] == [None, *EPSILONS.tolist()] and len(curve["drop"]) == len(EPSILONS) + 1
     assert curve["drop"][0] == 0.0 and info["estimated_drop"] == curve["drop"][curve["eps"].index(info["eps"])] <= 0.02
     assert info["kept_directions"] == kept_directions(energy, info["eps"])
+    beyond = [j for j, d in enumerate(curve["drop"]) if j > 0 and d > 0.02]  # last-within, written out
+    assert info["eps"] == curve["eps"][beyond[0] - 1 if beyond else -1]
     with torch.no_grad():
         assert info["aux_acc_before"] == (model(aux_x).argmax(1) == aux_y).float().mean().item()
         assert info["aux_acc_after"] == (defended(aux_x).argmax(1) == aux_y).float().mean().item()
@@ -164,10 +167,20 @@ def test_a_backdoor_on_active_inputs_is_removed_where_flain_leaves_it():
     assert _rates(defended.eval(), sample)[1] > 0.5
 
 
-def test_drop_curve_is_the_naive_cross_fitting():
+def test_spectrum_drops_directions_under_a_millionth_of_the_largest():
+    """Eigenvalues 1e4, 1e-2, 1e-9 and 0 of a diagonal Gram matrix, shuffled: square roots 100,
+    0.1, 3.2e-5, 0; the cut is 1e-6 x 100 = 1e-4, so two directions stay, largest first."""
+    gram = torch.diag(torch.tensor([1e-9, 1e4, 0.0, 1e-2], dtype=torch.float64))
+    u, energy = spectrum(gram)
+    assert energy.tolist() == [1e4, 1e-2]
+    assert torch.equal(u.abs(), torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_drop_curve_is_the_naive_cross_fitting(bias):
     """Every fold, every eps: the directions from the other folds' copies, the flipped weight
     put into the whole model, the held-out images' mean true-class probability; restated
-    with numpy's SVD and full forward passes."""
+    with numpy's SVD and full forward passes. Also for a tau without bias."""
     from experiment import seeds
     from strategies.post_training.flain_cv import stratified_folds
     from strategies.post_training.flain_subspace import EPSILONS
@@ -175,7 +188,7 @@ def test_drop_curve_is_the_naive_cross_fitting():
 
     torch.manual_seed(3)
     g = torch.Generator().manual_seed(3)
-    model = nn.Sequential(OrderedDict(fc1=nn.Linear(30, 6), relu=nn.ReLU(), fc2=nn.Linear(6, 3)))
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(30, 6, bias=bias), relu=nn.ReLU(), fc2=nn.Linear(6, 3)))
     w0 = model.fc1.weight.detach().clone() + 0.3 * torch.randn(6, 30, generator=g)
     x = torch.randn(24, 30, generator=g) @ torch.diag(torch.linspace(2, 0.05, 30))
     y = torch.arange(24) % 3
@@ -201,7 +214,7 @@ def test_drop_curve_is_the_naive_cross_fitting():
                 dw = w - w0.numpy()
                 p = vt[:k].T @ vt[:k]
                 weight = w0.numpy() + dw @ p - dw @ (np.eye(30) - p)
-            probe = nn.Sequential(OrderedDict(fc1=nn.Linear(30, 6), relu=nn.ReLU(), fc2=nn.Linear(6, 3)))
+            probe = nn.Sequential(OrderedDict(fc1=nn.Linear(30, 6, bias=bias), relu=nn.ReLU(), fc2=nn.Linear(6, 3)))
             probe.load_state_dict(model.state_dict())
             probe.double()
             with torch.no_grad():
