@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attacks import TRIGGERS, malicious_clients, poison
-from attacks.triggers import PixelTrigger, cba, dba
+from attacks.triggers import PixelTrigger, _place, cba, dba
 
 
 def _cells(mask):
@@ -63,6 +63,21 @@ def test_bad_trigger_settings_raise():
         cba(28, 28, margin=25)
     with pytest.raises(ValueError, match="trigger-corner"):
         cba(28, 28, corner="middle")
+
+
+def test_a_trigger_fits_up_to_the_images_edge_in_each_dimension():
+    """A 3x2 box with margin 1 needs 4 rows and 3 columns: it fits 4x3 images exactly (in every
+    corner) and neither 3x3 nor 4x2 ones."""
+    box = np.ones((3, 2), dtype=bool)
+    want = {"top-left": (1, 1), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (0, 0)}
+    for corner, (top, left) in want.items():
+        mask = _place(box, 4, 3, corner, 1)
+        expected = np.zeros((4, 3), dtype=bool)
+        expected[top:top + 3, left:left + 2] = True
+        assert np.array_equal(mask, expected), corner
+    for height, width in [(3, 3), (4, 2)]:
+        with pytest.raises(ValueError, match=rf"^a 3x2 trigger with trigger-margin=1 does not fit {height}x{width} images$"):
+            _place(box, height, width, "top-left", 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])

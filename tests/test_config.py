@@ -98,6 +98,10 @@ def test_aux_size_default_per_dataset():
         ("num-clients", 70000, "num-clients=70000"),
         ("rlr-theta", 11, "rlr-theta=11"),
         ("min-clients", 11, "min-clients=11"),
+        ("flain-cv-scores", "bogus", "flain-cv-scores='bogus' is not allowed: choose one of"),
+        ("flain-cv-select", "bogus", "flain-cv-select='bogus' is not allowed: choose one of"),
+        ("flain-cv-accuracy", "bogus", "flain-cv-accuracy='bogus' is not allowed: choose one of"),
+        ("flain-subspace-augment", "bogus", "flain-subspace-augment='bogus' is not allowed: choose one of"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(key, value, fragment):

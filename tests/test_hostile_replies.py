@@ -44,6 +44,7 @@ def _lie(case: str) -> RecordDict:
         "examples-nan": {"num-examples": float("nan")},
         "examples-over-partition": {"num-examples": LIMITS.example_caps[0] + 1},
         "partition-out-of-range": {"partition-id": 99},
+        "partition-one-past-the-last": {"partition-id": 16},
         "partition-fractional": {"partition-id": 0.5},
         "loss-inf": {"train-loss": float("inf")},
     }
@@ -81,7 +82,8 @@ def _lie(case: str) -> RecordDict:
 
 
 CASES = ["examples-inf", "examples-huge", "examples-negative", "examples-zero", "examples-nan",
-         "examples-over-partition", "partition-out-of-range", "partition-fractional", "loss-inf", "extra-metric",
+         "examples-over-partition", "partition-out-of-range", "partition-one-past-the-last",
+         "partition-fractional", "loss-inf", "extra-metric",
          "missing-examples", "two-array-records", "no-metric-record", "two-metric-records", "config-record",
          "renamed-array-record", "declared-shape", "float64", "int64", "bool", "complex-nan", "nan", "inf",
          "transposed", "undecodable", "renamed-array"]
@@ -95,6 +97,7 @@ REASONS = {  # written by hand from each lie (16 partitions of at most 1000 exam
     "examples-nan": "metric num-examples=nan is not a finite number",
     "examples-over-partition": f"num-examples=1001 {CAP}",
     "partition-out-of-range": "partition-id=99 is not a partition (0..15)",
+    "partition-one-past-the-last": "partition-id=16 is not a partition (0..15)",
     "partition-fractional": "partition-id=0.5 is not a partition (0..15)",
     "loss-inf": "metric train-loss=inf is not a finite number",
     "extra-metric": "metrics differ from the expected keys: missing [], unexpected ['extra']",
@@ -144,7 +147,7 @@ def test_a_lie_changes_nothing_and_is_recorded(name, case):
     (failure,) = strategy.failures
     assert failure["kind"] == "rejected" and failure["node"] == 1 and failure["round"] == 1
     # never admitted: the partition its reply named, where it named one of this run's
-    unnamed = {"no-metric-record", "partition-out-of-range", "partition-fractional"}
+    unnamed = {"no-metric-record", "partition-out-of-range", "partition-one-past-the-last", "partition-fractional"}
     assert failure["partition"] == (None if case in unnamed else 0)
     if case == "undecodable":
         assert failure["reason"].startswith(REASONS[case])
