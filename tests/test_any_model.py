@@ -119,6 +119,41 @@ def test_skip_around_tau_evaluates_the_whole_model_and_flain_equals_algorithm1()
     _check_flain_equals_algorithm1(model, "hidden", size=16, split=False)
 
 
+class ScaledHead(nn.Module):
+    """After tau, a parameter used directly (an fx `get_attr` node), not through a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(6, 5), nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.tensor([2.0, -1.0, 0.5]))
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x))) * self.scale
+
+
+class TauUnused(nn.Module):
+    """tau is computed but the output never depends on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        self.hidden(x)
+        return self.out(x)
+
+
+def test_rest_after_copies_parameters_used_after_tau_and_refuses_an_unused_tau():
+    torch.manual_seed(4)
+    model = ScaledHead().eval()
+    x = torch.randn(8, 6)
+    rest = rest_after(model, "hidden")
+    with torch.no_grad():
+        want = (model.out(torch.relu(model.hidden(x))) * model.scale)
+        assert rest is not None and torch.allclose(rest(model.hidden(x)), want, atol=1e-6)
+    assert rest_after(TauUnused(), "hidden") is None
+
+
 @pytest.mark.slow
 def test_pruning_on_a_resnet_equals_the_paper_loop():
     torch.manual_seed(3)

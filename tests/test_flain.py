@@ -39,6 +39,7 @@ def test_rescale_restores_frobenius_norm():
     w = torch.randn(4, 5)
     out = rescale(w * 3.0, torch.linalg.matrix_norm(w).item())
     assert torch.allclose(out, w, atol=1e-6)
+    assert torch.equal(rescale(torch.zeros(4, 5), 2.0), torch.zeros(4, 5))  # nothing to scale: no 0/0
 
 
 def test_rescale_hits_the_norm_of_a_large_float32_layer():
