@@ -11,6 +11,7 @@ from strategies.post_training import PostTrainingInput
 from strategies.post_training.flain import flip_updates, rescale
 from strategies.post_training.flain_cv import FlainCV, candidate_counts, select_count, stratified_folds
 from strategies.post_training.flip_path import accuracy, flip_path_logits
+from strategies.post_training.tau import TauView
 from tests.test_post_training import BACKDOOR, Z, _accuracy, _backdoored_model, _features, _fresh, _rates
 
 
@@ -136,13 +137,18 @@ def test_flain_cv_removes_the_planted_backdoor_within_tolerance(scores):
     assert info["aux_acc_before"] == _accuracy(model.state_dict(), aux_x, aux_y) and info["aux_acc_after"] == _accuracy(state, aux_x, aux_y)
     assert isinstance(info["search_seconds"], float)  # its value is timing: benchmarks/, not here
     plain = FlainCV(tol=0.01, scores=scores, layer="fc1", seed=1, soft=False, balanced=True, select="first-beyond")
-    assert plain.apply(PostTrainingInput(model, initial, aux_x, aux_y))[1]["rule"] == {
-        "scores": scores, "select": "first-beyond", "tol": 0.01, "folds": 5, "accuracy": "balanced"}
+    plain_info = plain.apply(PostTrainingInput(model, initial, aux_x, aux_y))[1]
+    assert plain_info["rule"] == {"scores": scores, "select": "first-beyond", "tol": 0.01, "folds": 5,
+                                  "accuracy": "balanced"}
+    # first-beyond, written out on its drop curve: the first count whose drop reaches tol
+    _, drops = plain.drop_curve(TauView.of(model, "fc1", aux_x, aux_y), initial["fc1.weight"], counts)
+    beyond = [i for i in range(1, len(drops)) if drops[i] >= 0.01]
+    assert beyond and plain_info["flipped"] == counts[beyond[0]]
+    hard = FlainCV(tol=0.01, scores=scores, layer="fc1", seed=1, soft=False)
+    assert hard.apply(PostTrainingInput(model, initial, aux_x, aux_y))[1]["rule"]["accuracy"] == "plain"
 
 
 def _activations(model, aux_x, aux_y):
-    from strategies.post_training.tau import TauView
-
     return TauView.of(model, "fc1", aux_x, aux_y).activations
 
 
@@ -225,8 +231,6 @@ def _naive_drop_curve(model, w0, x, y, counts, scores, select, tol, accuracy_kin
     ("split", "first-beyond", "soft"), ("same", "last-within", "plain"), ("same", "first-beyond", "balanced"),
 ])
 def test_drop_curve_is_the_naive_estimate(scores, select, accuracy_kind):
-    from strategies.post_training.tau import TauView
-
     model, initial, g = _backdoored_model("cpu")
     x, y = _features(60, False, g)
     x = x + 0.3 * torch.rand(x.shape, generator=g)  # every input somewhat active
