@@ -257,10 +257,17 @@ def test_fedpruning_fine_tuning_continues_the_round_count_and_waits_with_a_deadl
     (its records and seeded noise are per round) and every wait on the grid has the deadline."""
     *_, strategy, inp = _fedpruning_input(TimedRankingGrid, last_round=5)
     rounds = []
-    for name in ("configure_train", "aggregate_train"):
+
+    def spy(name):
         method = getattr(strategy, name)
-        setattr(strategy, name, lambda server_round, *a, _m=method, _n=name: rounds.append((_n, server_round)) or _m(
-            server_round, *a))
+
+        def call(server_round, *args):
+            rounds.append((name, server_round))
+            return method(server_round, *args)
+        setattr(strategy, name, call)
+
+    spy("configure_train")
+    spy("aggregate_train")
     FedPruning(rate=0.1, extreme=0.0, layer="fc1", finetune_rounds=2, timeout=123.0).apply(inp)
     assert rounds == [("configure_train", 6), ("aggregate_train", 6), ("configure_train", 7), ("aggregate_train", 7)]
     assert inp.grid.timeouts == [123.0] * 3  # the ranking query, then each fine-tuning round
