@@ -5,11 +5,12 @@ Pruning and federated pruning `apply`, the evaluator, and device-agnostic masks.
 machine, so a mask left on the CPU fails here as it would on a GPU), and CUDA where present."""
 
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from torch import nn
 
 from attacks.triggers import PixelTrigger
@@ -407,6 +408,27 @@ def test_fedpruning_leaves_out_and_records_a_malformed_ranking():
     (failure,) = strategy.failures
     assert (failure["round"], failure["node"], failure["partition"], failure["kind"]) == (4, 3, 2, "rejected")
     assert failure["reason"] == f"ranking query: ranks is not a ranking of the {Z} inputs (a permutation of 0..{Z - 1})"
+
+
+class FailingRankingGrid(RankingGrid):
+    """Node 2 answers the ranking query with an error (a crashed client)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        return [Message(error=Error(code=0, reason="node died"), reply_to=m) if r.metadata.src_node_id == 2 else r
+                for r, m in zip(replies, messages)]
+
+
+def test_fedpruning_records_an_error_reply_to_the_ranking_query_as_an_error():
+    *_, strategy, inp = _fedpruning_input(FailingRankingGrid, last_round=4)
+    _, info = FedPruning(rate=0.1, extreme=0.0, layer="fc1").apply(inp)
+    assert info["clients"] == 2
+    (failure,) = strategy.failures
+    assert (failure["round"], failure["node"], failure["partition"], failure["kind"]) == (4, 2, None, "error")
+    assert failure["reason"] == "ranking query: node died"
+    with pytest.raises(RuntimeError, match="^fedpruning needs the training strategy's reply limits to check the "
+                                           "rankings$"):
+        FedPruning(rate=0.1, extreme=0.0, layer="fc1").apply(replace(inp, strategy=object()))
 
 
 @pytest.mark.slow
