@@ -189,3 +189,31 @@ def test_a_tau_that_gets_more_than_one_vector_per_image_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Linear(6, 2))  # Linear over the last axis: N x 2 x 6 x 6
     with pytest.raises(TauNotUsable, match="one flat vector per image"):
         TauView.of(model, "auto", torch.rand(3, 3, 8, 8), torch.zeros(3, dtype=torch.long))
+
+
+def _view_with_a_hidden_change(rows: list[int], scale: float, n: int = 100) -> TauView:
+    """TauView.of on a model whose output differs from its fx trace on the aux images `rows`
+    by `scale` times allclose's tolerance (atol 1e-4 + rtol 1e-4 x |output|) there: a forward
+    hook on the whole model changes its output, and a traced graph does not run the root's hooks."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(20.0)  # outputs of several units: the relative tolerance dominates
+    x = torch.randn(n, 5)
+    x[:, 4] = 0.0
+    x[rows, 4] = 1.0  # marks the rows the hook changes
+
+    def hidden_change(_m, args, y):
+        return y + scale * (1e-4 + 1e-4 * y.abs()) * args[0][:, 4:5]
+
+    model.register_forward_hook(hidden_change)
+    return TauView.of(model, "2", x, torch.zeros(n, dtype=torch.long))
+
+
+@pytest.mark.parametrize("rows, n", [([0], 100), ([63], 100), ([9], 10)])
+def test_a_split_that_does_not_reproduce_the_model_on_the_probe_is_not_used(rows, n):
+    """The split is checked on the first 64 aux images (all of them when fewer): a difference
+    of 1.5x the tolerance on the first, the 64th or the last of 10 falls back to the whole model."""
+    assert _view_with_a_hidden_change(rows, 1.5, n).rest is None
+    assert _view_with_a_hidden_change(rows, 0.5, n).rest is not None  # within the tolerance: split
+

@@ -245,3 +245,26 @@ def test_drop_curve_is_the_naive_estimate(scores, select, accuracy_kind):
     want0, want = _naive_drop_curve(model, w0, x, y, counts, scores, select, 0.03, accuracy_kind, 3, 7)
     assert acc0 == pytest.approx(want0, abs=1e-5) and drops == pytest.approx(want, abs=1e-5)
     assert 1 < len(want) < len(counts)  # the cases stop somewhere inside the curve
+
+
+@pytest.mark.parametrize("scores", ["same", "crossfit"])
+def test_a_drop_exactly_equal_to_the_tolerance_is_within_it(scores):
+    """`tol` set to a drop the curve reaches: last-within reads it as within and walks on past
+    it; first-beyond (Algorithm 1's `drop >= rho`) stops there."""
+    model, initial, g = _backdoored_model("cpu")
+    x, y = _features(47, False, g)
+    x = x + 0.3 * torch.rand(x.shape, generator=g)
+    tau, w0 = TauView.of(model, "fc1", x, y), initial["fc1.weight"]
+    counts = np.arange(0, Z + 1, 4)
+    whole = FlainCV(tol=2.0, folds=3, scores=scores, soft=False, layer="fc1", seed=7).drop_curve(tau, w0, counts)[1]
+    assert len(whole) == len(counts)  # a drop of 2 is never reached: the whole curve
+    j = int(np.flatnonzero(whole > 0)[0])  # the first drop: every earlier one is 0
+    assert j < len(counts) - 1 and whole[j] < whole.max()
+    tol = float(whole[j])
+    within = FlainCV(tol=tol, folds=3, scores=scores, soft=False, layer="fc1", seed=7).drop_curve(tau, w0, counts)[1]
+    beyond = [i for i in range(len(whole)) if whole[i] > tol]  # strictly beyond, written out
+    assert within.tolist() == whole[: beyond[0] + 1].tolist() and beyond[0] > j
+    assert select_count(counts, whole, tol, "last-within") == counts[beyond[0] - 1] >= counts[j]
+    first = FlainCV(tol=tol, folds=3, scores=scores, soft=False, select="first-beyond", layer="fc1", seed=7)
+    assert first.drop_curve(tau, w0, counts)[1].tolist() == whole[: j + 1].tolist()
+    assert select_count(counts, whole, tol, "first-beyond") == counts[j]
