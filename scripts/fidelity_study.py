@@ -9,7 +9,8 @@
 an unfinished one is run again), each with a checkpoint every 5 rounds. `defend` applies FLAIN
 (Algorithm 1) to every checkpoint with two protocols, ours (the run's random 200 aux images,
 threshold min + k * 0.001, rho 0.02) and the authors' (the first 20 test images of each class,
-threshold from 0.0005 by 0.0001, rho 0.024), skipping what is done. `report` writes the table
+threshold from 0.0005 by 0.0001, rho 0.024), skipping what is done. `report` adds the rows measured
+to docs/fidelity/rows.json (the record: run directories are not committed) and writes the table
 (mean and spread over seeds) and a plot.
 """
 
@@ -86,8 +87,8 @@ def defend(args: argparse.Namespace) -> int:
 
 
 def collect(out: Path) -> list[dict]:
-    rows = []
-    for run_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+    rows: list[dict] = []
+    for run_dir in sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
         run = RunDir(run_dir)
         config = run.config()
         for result in run.defended_results():
@@ -114,11 +115,27 @@ def _ms(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _key(row: dict) -> tuple:
+    return row["run"], row["round"], row["protocol"], row["defense"]
+
+
+def merge(kept: list[dict], measured: list[dict]) -> list[dict]:
+    """The committed rows with the measured ones added (a row measured again replaces the kept
+    one), by run name: the run directories are not committed, so rows.json is the study's record
+    and a later session adds to it."""
+    rows = {_key(r): r for r in kept}
+    rows.update((_key(r), r) for r in measured)
+    return sorted(rows.values(), key=lambda r: r["run"])
+
+
 def report(args: argparse.Namespace) -> int:
-    rows = collect(Path(args.out))
     md = Path(args.md)
     md.mkdir(parents=True, exist_ok=True)
-    (md / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    kept = json.loads((md / "rows.json").read_text()) if (md / "rows.json").exists() else []
+    rows = merge(kept, collect(Path(args.out)))
+    tmp = md / "rows.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(md / "rows.json")
     groups: dict[tuple, list[dict]] = {}
     seen = set()  # a second training of the same seed (a longer one) counts once per round: the first
     for r in rows:
