@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from experiment.config import ExperimentConfig
 from strategies import AGGREGATIONS
-from strategies.aggregation.reply_guard import TRAIN_METRICS, ReplyLimits, metrics_problem
+from strategies.aggregation.reply_guard import TRAIN_METRICS, ReplyLimits, conform, metrics_problem
 from tests.grids import LIMITS, LocalGrid, build_rule, train_metrics
 
 N = 8  # Bulyan with krum-f=1 needs 7 replies: the honest ones without the liar
@@ -115,7 +115,7 @@ REASONS = {  # written by hand from each lie (16 partitions of at most 1000 exam
     "nan": "w holds NaN or Inf",
     "inf": "w holds NaN or Inf",
     "transposed": "w has shape (3, 2), expected (2, 3)",
-    "undecodable": "w cannot be decoded: ",  # then numpy's own words
+    "undecodable": "w cannot be decoded: ValueError: ",  # then numpy's own words
     "renamed-array": "arrays differ from the model's: missing ['w'], unexpected ['v']",
 }
 
@@ -205,9 +205,8 @@ def test_an_aggregate_beyond_float32_keeps_the_global_model(name):
     arrays, metrics = strategy.aggregate_train(1, replies)
     if name == "rlr":
         assert arrays is None and metrics is None
-        (failure,) = strategy.failures
-        assert failure["kind"] == "refused" and failure["node"] == 0
-        assert "the aggregate's w" in failure["reason"] and "global model stays" in failure["reason"]
+        assert strategy.failures == [{"round": 1, "node": 0, "partition": None, "kind": "refused",
+                                      "reason": "the aggregate's w holds NaN or Inf; the global model stays as it was"}]
     else:  # the mean of 3.3e38s is 3.3e38 (invariant: computed in float64, no overflow on the way)
         assert strategy.failures == []
         assert np.allclose(arrays["w"].numpy(), 3.3e38, rtol=1e-6, atol=0)
@@ -219,6 +218,8 @@ def test_an_aggregate_beyond_float32_keeps_the_global_model(name):
     ({"num-examples": 8, "partition-id": 0}, None),
     ({"num-examples": 1, "partition-id": 2}, "not a partition (0..1)"),
     ({"num-examples": [1, 2], "partition-id": 0}, "not a finite number"),
+    ({"num-examples": 1, "partition-id": 1}, None),  # the least a reply may train on
+    ({"num-examples": 0.5, "partition-id": 1}, "must be 1..3"),
 ])
 def test_caps_are_per_partition(metrics, reason):
     limits = ReplyLimits((8, 3), frozenset({"num-examples", "partition-id"}))
@@ -301,9 +302,65 @@ def test_an_error_reply_is_recorded_and_left_to_flower():
 def test_a_reply_before_any_model_was_sent_is_refused():
     strategy = _strategy("fedavg")
     reply = Message(content=_honest(0), dst_node_id=0, message_type="train")
-    assert strategy.admit(1, reply) == "no model was sent this round"
+    assert strategy.admit(reply) == "no model was sent this round"
 
 
 def test_uniform_limits_keep_the_metrics_they_are_given():
     assert ReplyLimits.uniform(3, 7, frozenset({"num-examples"})) == ReplyLimits((7, 7, 7), frozenset({"num-examples"}))
     assert ReplyLimits.uniform(2, 5) == ReplyLimits((5, 5), TRAIN_METRICS)
+
+
+@pytest.mark.parametrize("examples, reason", [(1, None), (9, None), (10, "num-examples=10 is not allowed: must be 1..9, "
+                                                                        "the most its partition holds")])
+def test_without_partition_ids_the_largest_cap_holds(examples, reason):
+    """A deployment whose replies name no partition: each is held to the largest partition's cap."""
+    limits = ReplyLimits((5, 9, 2), frozenset({"num-examples"}))
+    assert metrics_problem(MetricRecord({"num-examples": examples}), limits) == reason
+
+
+# conform: the aggregate as the global model's own arrays (a float32 weight, an int64 counter)
+SPECS = {"w": ((3,), np.dtype(np.float32)), "count": ((3,), np.dtype(np.int64))}
+
+
+def _aggregate(**arrays) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.asarray(values, np.float64)) for name, values in arrays.items()})
+
+
+def test_conform_casts_to_the_models_dtypes_and_rounds_counters_to_the_nearest():
+    record, problem = conform(_aggregate(w=[0.5, -1.25, 3.0], count=[2.7, -1.2, 2.5]), SPECS)
+    assert problem is None
+    w, count = record["w"].numpy(), record["count"].numpy()
+    assert w.dtype == np.float32 and np.array_equal(w, np.array([0.5, -1.25, 3.0], np.float32))
+    assert count.dtype == np.int64 and count.tolist() == [3, -1, 2]  # 2.7 -> 3 (a cast alone gives 2); 2.5 -> 2 (to even)
+
+
+@pytest.mark.parametrize("count", [[-2.0**63, 0, 0], [2.0**63 - 1024, 0, 0]])  # int64's ends, as float64 holds them
+def test_conform_keeps_counters_at_the_ends_of_their_range(count):
+    record, problem = conform(_aggregate(w=[0, 0, 0], count=count), SPECS)
+    assert problem is None and record["count"].numpy().tolist() == [int(count[0]), 0, 0]
+
+
+@pytest.mark.parametrize("arrays, reason", [
+    ({"w": [0, 0, 0], "count": [0, 0, 0], "extra": [1, 2, 3]},
+     "the aggregate's arrays differ from the model's: missing [], unexpected ['extra']"),
+    ({"w": [0, 0, 0], "count": [float("nan"), 1, 2]}, "the aggregate's count has dtype float64, expected int64"),
+    ({"w": [0, 0, 0], "count": [2.0**63, 0, 0]}, "the aggregate's count is outside the range of int64"),
+    ({"w": [0, 0, 0], "count": [0, -2.0**63 - 2048, 0]}, "the aggregate's count is outside the range of int64"),
+    ({"w": [1e300, 0, 0], "count": [0, 0, 0]}, "the aggregate's w holds NaN or Inf"),
+    ({"w": [0, 0, 0], "count": [0, 0]}, "the aggregate's count has shape (2,), expected (3,)"),
+])
+def test_conform_refuses_what_must_not_become_the_global_model(arrays, reason):
+    """Each refusal says why, and none warns on the way (a cast that overflows to Inf, or a
+    counter wrapped round to a finite wrong value, would)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert conform(_aggregate(**arrays), SPECS) == (None, reason)
+
+
+def test_conform_holds_an_int32_counter_to_int32s_range():
+    specs = {"count": ((2,), np.dtype(np.int32))}
+    record, problem = conform(_aggregate(count=[2.0**31 - 1, -2.0**31]), specs)
+    assert problem is None and record["count"].numpy().tolist() == [2**31 - 1, -2**31]
+    assert conform(_aggregate(count=[2.0**31, 0]), specs) == (None, "the aggregate's count is outside the range of int32")

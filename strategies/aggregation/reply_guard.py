@@ -109,16 +109,25 @@ def reply_problem(sent: Specs, reply: Message, limits: ReplyLimits, key: str = "
 
 def conform(arrays: ArrayRecord, sent: Specs) -> tuple[ArrayRecord | None, str | None]:
     """The aggregate cast to the model's own dtypes (some of Flower's rules return float64,
-    e.g. Bulyan for integer counters), or None and why it must not replace the global model:
-    what `arrays_problem` refuses in a reply (other keys or shapes, values that are not finite
-    in the model's dtype)."""
+    e.g. Bulyan for integer counters; integers are rounded to the nearest), or None and why it
+    must not replace the global model: what `arrays_problem` refuses in a reply (other keys or
+    shapes, values that are not finite in the model's dtype), or an integer out of its dtype's
+    range (a plain cast would wrap it round to a finite, wrong count)."""
     out = {}
     for name, array in arrays.items():
         values = array.numpy()
         if name in sent and (not np.issubdtype(values.dtype, np.inexact) or np.isfinite(values).all()):
             dtype = sent[name][1]
-            with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes Inf: refused below
-                values = np.rint(values).astype(dtype) if np.issubdtype(dtype, np.integer) else values.astype(dtype)
+            if np.issubdtype(dtype, np.integer):
+                values = np.rint(values)
+                info = np.iinfo(dtype)
+                # float(info.max) + 1: the first value past the range (2**63 for int64, exact in float64)
+                if values.size and (values.min() < info.min or values.max() >= float(info.max) + 1):
+                    return None, f"the aggregate's {name} is outside the range of {dtype}"
+                values = values.astype(dtype)
+            else:
+                with np.errstate(over="ignore"):  # an overflow becomes Inf: refused below
+                    values = values.astype(dtype)
         out[name] = Array(np.array(values, order="C"))  # (ascontiguousarray would make a 0-d array 1-d)
     record = ArrayRecord(out)
     problem = arrays_problem(sent, record)
@@ -167,7 +176,7 @@ class ReplyGuard(FailureLog):
         self._sent_for_check = array_specs(arrays)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
-    def admit(self, server_round: int, reply: Message) -> str | None:
+    def admit(self, reply: Message) -> str | None:
         """Why `reply` is refused (None: admitted, and its node's partition remembered)."""
         if self._sent_for_check is None:
             return "no model was sent this round"
@@ -190,7 +199,7 @@ class ReplyGuard(FailureLog):
                 self.record(server_round, node, "error", reply.error.reason)
                 kept.append(reply)  # the base rule skips and logs errors itself
                 continue
-            problem = self.admit(server_round, reply)
+            problem = self.admit(reply)
             if problem is None:
                 kept.append(reply)
                 metrics = reply.content.metric_records["metrics"]
