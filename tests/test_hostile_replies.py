@@ -323,7 +323,9 @@ SPECS = {"w": ((3,), np.dtype(np.float32)), "count": ((3,), np.dtype(np.int64))}
 
 
 def _aggregate(**arrays) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.asarray(values, np.float64)) for name, values in arrays.items()})
+    """Lists as float64 (as most of Flower's rules return them), arrays as they are."""
+    return ArrayRecord({name: Array(values if isinstance(values, np.ndarray) else np.asarray(values, np.float64))
+                        for name, values in arrays.items()})
 
 
 def test_conform_casts_to_the_models_dtypes_and_rounds_counters_to_the_nearest():
@@ -344,6 +346,8 @@ def test_conform_keeps_counters_at_the_ends_of_their_range(count):
     ({"w": [0, 0, 0], "count": [0, 0, 0], "extra": [1, 2, 3]},
      "the aggregate's arrays differ from the model's: missing [], unexpected ['extra']"),
     ({"w": [0, 0, 0], "count": [float("nan"), 1, 2]}, "the aggregate's count has dtype float64, expected int64"),
+    ({"w": [0, 0, 0], "count": np.array([1, float("nan"), 2], np.float32)},
+     "the aggregate's count has dtype float32, expected int64"),
     ({"w": [0, 0, 0], "count": [2.0**63, 0, 0]}, "the aggregate's count is outside the range of int64"),
     ({"w": [0, 0, 0], "count": [0, -2.0**63 - 2048, 0]}, "the aggregate's count is outside the range of int64"),
     ({"w": [1e300, 0, 0], "count": [0, 0, 0]}, "the aggregate's w holds NaN or Inf"),

@@ -121,8 +121,9 @@ def conform(arrays: ArrayRecord, sent: Specs) -> tuple[ArrayRecord | None, str |
             if np.issubdtype(dtype, np.integer):
                 values = np.rint(values)
                 info = np.iinfo(dtype)
-                # float(info.max) + 1: the first value past the range (2**63 for int64, exact in float64)
-                if values.size and (values.min() < info.min or values.max() >= float(info.max) + 1):
+                # float(info.max) + 1: the first value past the range (2**63 for int64, exact in
+                # float64); written so that NaN fails it too
+                if values.size and not (info.min <= values.min() and values.max() < float(info.max) + 1):
                     return None, f"the aggregate's {name} is outside the range of {dtype}"
                 values = values.astype(dtype)
             else:
