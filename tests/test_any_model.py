@@ -186,9 +186,30 @@ def test_flain_cv_refuses_a_model_it_cannot_split_with_a_clear_reason():
 
 
 def test_a_tau_that_gets_more_than_one_vector_per_image_is_refused():
+    torch.manual_seed(8)
     model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Linear(6, 2))  # Linear over the last axis: N x 2 x 6 x 6
-    with pytest.raises(TauNotUsable, match="one flat vector per image"):
+    with pytest.raises(TauNotUsable) as refused:
         TauView.of(model, "auto", torch.rand(3, 3, 8, 8), torch.zeros(3, dtype=torch.long))
+    assert str(refused.value) == ("layer '1' gets inputs of shape (3, 2, 6, 6) per batch: "
+                                  "tau must be a Linear layer that gets one flat vector per image")
+
+
+class TauTwice(nn.Module):
+    """tau applied twice in one forward pass (a weight-tied block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.hidden(self.hidden(x)))
+
+
+def test_a_tau_that_runs_more_than_once_per_input_is_refused_by_name():
+    torch.manual_seed(9)
+    with pytest.raises(TauNotUsable) as refused:
+        TauView.of(TauTwice(), "hidden", torch.rand(5, 4), torch.zeros(5, dtype=torch.long))
+    assert str(refused.value) == "layer 'hidden' ran 2 times on 1 batches: tau must run once per input"
 
 
 def _view_with_a_hidden_change(rows: list[int], scale: float, n: int = 100) -> TauView:

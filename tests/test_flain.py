@@ -79,14 +79,20 @@ def test_thresholds_settle_float_rounding_like_the_plain_walk(mu, step):
     lattice = mu + np.arange(0, 2000) * step
     x = np.concatenate([lattice, np.nextafter(lattice, np.inf)])
     got_mu, ks = thresholds(x, step)
-    first = set()
-    for v in np.unique(x):
+
+    def first_k(v: float) -> int:
         k = max(1, int((v - mu) / step) - 2)  # a start below the answer (checked), then walk
         assert k == 1 or mu + (k - 1) * step < v
         while mu + k * step < v:
             k += 1
-        first.add(k)
-    assert got_mu == mu and ks.tolist() == sorted(first)
+        return k
+
+    first = {v: first_k(v) for v in np.unique(x)}
+    assert got_mu == mu and ks.tolist() == sorted(set(first.values()))
+    # each score alone beside mu: in the whole grid a neighbour on the lattice can hide one
+    # score's wrong k (the set of ks is the same)
+    for v, k in first.items():
+        assert thresholds(np.array([mu, v]), step)[1].tolist() == sorted({1, k}), v
     # the smallest case: (mu + step - mu) / step is 1.0000000000000009, yet mu + 1*step takes it
     assert thresholds(np.array([mu, mu + step]), step)[1].tolist() == [1]
 
