@@ -345,9 +345,11 @@ def test_conform_keeps_counters_at_the_ends_of_their_range(count):
 @pytest.mark.parametrize("arrays, reason", [
     ({"w": [0, 0, 0], "count": [0, 0, 0], "extra": [1, 2, 3]},
      "the aggregate's arrays differ from the model's: missing [], unexpected ['extra']"),
-    ({"w": [0, 0, 0], "count": [float("nan"), 1, 2]}, "the aggregate's count has dtype float64, expected int64"),
-    ({"w": [0, 0, 0], "count": np.array([1, float("nan"), 2], np.float32)},
-     "the aggregate's count has dtype float32, expected int64"),
+    ({"w": [0, 0, 0], "count": [float("nan"), 1, 2]}, "the aggregate's count holds NaN or Inf"),
+    ({"w": [0, 0, 0], "count": np.array([1, float("inf"), 2], np.float32)}, "the aggregate's count holds NaN or Inf"),
+    ({"w": [0, 0, 0], "count": np.array([1, 0, 2], np.complex64)},
+     "the aggregate's count has dtype complex64, expected int64"),
+    ({"w": [0, 0, 0], "count": np.array([2**64 - 1, 0, 0], np.uint64)}, "the aggregate's count is outside the range of int64"),
     ({"w": [0, 0, 0], "count": [2.0**63, 0, 0]}, "the aggregate's count is outside the range of int64"),
     ({"w": [0, 0, 0], "count": [0, -2.0**63 - 2048, 0]}, "the aggregate's count is outside the range of int64"),
     ({"w": [1e300, 0, 0], "count": [0, 0, 0]}, "the aggregate's w holds NaN or Inf"),
@@ -361,6 +363,37 @@ def test_conform_refuses_what_must_not_become_the_global_model(arrays, reason):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert conform(_aggregate(**arrays), SPECS) == (None, reason)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int8, np.uint8])
+def test_conform_keeps_integer_aggregates_exact_to_the_ends_of_the_range(dtype):
+    """An aggregate already of integers (a rule that keeps them, or a median) is compared as
+    integers: float64 cannot hold 2**63 - 1 or 2**64 - 1, yet they are the dtype's own values."""
+    info = np.iinfo(dtype)
+    specs = {"count": ((3,), np.dtype(dtype))}
+    counters = np.array([info.min, info.max, 7], dtype)
+    record, problem = conform(ArrayRecord({"count": Array(counters)}), specs)
+    assert problem is None and record["count"].numpy().tolist() == [int(info.min), int(info.max), 7]
+
+
+def test_conform_holds_a_float16_aggregate_to_the_counters_range():
+    """60000 is one of float16's values, past int8's range and within int32's (comparing in
+    float16 itself would overflow int32's bound to Inf, and warn)."""
+    import warnings
+
+    counters = ArrayRecord({"count": Array(np.array([0, 2.5, 60000], np.float16))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert conform(counters, {"count": ((3,), np.dtype(np.int8))}) == (
+            None, "the aggregate's count is outside the range of int8")
+        record, problem = conform(counters, {"count": ((3,), np.dtype(np.int32))})
+    assert problem is None and record["count"].numpy().tolist() == [0, 2, 60000]
+
+
+def test_conform_passes_an_empty_counter():
+    specs = {"count": ((0,), np.dtype(np.int64))}
+    record, problem = conform(_aggregate(count=np.zeros(0)), specs)
+    assert problem is None and record["count"].numpy().dtype == np.int64 and record["count"].numpy().shape == (0,)
 
 
 def test_conform_holds_an_int32_counter_to_int32s_range():
