@@ -346,6 +346,9 @@ def test_conform_keeps_counters_at_the_ends_of_their_range(count):
     ({"w": [0, 0, 0], "count": [0, 0, 0], "extra": [1, 2, 3]},
      "the aggregate's arrays differ from the model's: missing [], unexpected ['extra']"),
     ({"w": [0, 0, 0], "count": [float("nan"), 1, 2]}, "the aggregate's count holds NaN or Inf"),
+    ({"w": [0, float("nan"), 0], "count": [0, 0, 0]}, "the aggregate's w holds NaN or Inf"),
+    ({"w": np.array([0, 0, float("-inf")], np.float32), "count": [0, 0, 0]}, "the aggregate's w holds NaN or Inf"),
+    ({"w": np.array([0, 1, 0], np.complex128), "count": [0, 0, 0]}, "the aggregate's w has dtype complex128, expected float32"),
     ({"w": [0, 0, 0], "count": np.array([1, float("inf"), 2], np.float32)}, "the aggregate's count holds NaN or Inf"),
     ({"w": [0, 0, 0], "count": np.array([1, 0, 2], np.complex64)},
      "the aggregate's count has dtype complex64, expected int64"),
@@ -388,6 +391,15 @@ def test_conform_holds_a_float16_aggregate_to_the_counters_range():
             None, "the aggregate's count is outside the range of int8")
         record, problem = conform(counters, {"count": ((3,), np.dtype(np.int32))})
     assert problem is None and record["count"].numpy().tolist() == [0, 2, 60000]
+
+
+def test_conform_keeps_an_aggregate_already_of_the_models_dtype():
+    specs = {"flag": ((2,), np.dtype(np.bool_)), "w": ((2,), np.dtype(np.float32))}
+    arrays = {"flag": np.array([True, False]), "w": np.array([0.25, -3.0], np.float32)}
+    record, problem = conform(ArrayRecord({k: Array(v) for k, v in arrays.items()}), specs)
+    assert problem is None
+    assert record["flag"].numpy().tolist() == [True, False] and record["flag"].numpy().dtype == np.bool_
+    assert np.array_equal(record["w"].numpy(), arrays["w"]) and record["w"].numpy().dtype == np.float32
 
 
 def test_conform_passes_an_empty_counter():

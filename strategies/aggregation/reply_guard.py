@@ -107,16 +107,22 @@ def reply_problem(sent: Specs, reply: Message, limits: ReplyLimits, key: str = "
     return arrays_problem(sent, content.array_records[key]) or metrics_problem(content.metric_records["metrics"], limits)
 
 
-def as_integers(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray | None, str | None]:
-    """`values` rounded to the nearest integers of `dtype`, or None and why they cannot be: not
-    finite, or out of the dtype's range (a plain cast would wrap them round to a finite, wrong
-    count)."""
-    if np.issubdtype(values.dtype, np.floating):
-        if not np.isfinite(values).all():
-            return None, "holds NaN or Inf"
-        values = np.rint(values)
-    elif not np.issubdtype(values.dtype, np.integer):
+def cast_to(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray | None, str | None]:
+    """`values` (an aggregate's array) in `dtype`, integers rounded to the nearest; or None and
+    why not: not finite, not real numbers, or out of an integer dtype's range (a plain cast
+    would wrap them round to a finite, wrong count). A float overflow becomes Inf, for the
+    caller's finiteness check."""
+    if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+        return None, "holds NaN or Inf"
+    if values.dtype == dtype:
+        return values, None
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
         return None, f"has dtype {values.dtype}, expected {dtype}"
+    if not np.issubdtype(dtype, np.integer):
+        with np.errstate(over="ignore"):
+            return values.astype(dtype), None
+    if np.issubdtype(values.dtype, np.floating):
+        values = np.rint(values)
     info = np.iinfo(dtype)
     # compared as Python integers: exact at both ends (float64 holds 2**63 - 1 as 2**63), in any dtype
     if values.size and not (info.min <= int(values.min()) and int(values.max()) <= info.max):
@@ -126,20 +132,16 @@ def as_integers(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray | None,
 
 def conform(arrays: ArrayRecord, sent: Specs) -> tuple[ArrayRecord | None, str | None]:
     """The aggregate cast to the model's own dtypes (some of Flower's rules return float64,
-    e.g. Bulyan for integer counters: those are rounded, `as_integers`), or None and why it
-    must not replace the global model: what `arrays_problem` refuses in a reply (other keys or
-    shapes, values that are not finite in the model's dtype)."""
+    e.g. Bulyan for integer counters; `cast_to`), or None and why it must not replace the
+    global model: what `cast_to` refuses, or what `arrays_problem` refuses in a reply (other
+    keys or shapes, values that are not finite in the model's dtype)."""
     out = {}
     for name, array in arrays.items():
         values = array.numpy()
-        dtype = sent[name][1] if name in sent else None  # (another name: refused below)
-        if dtype is not None and np.issubdtype(dtype, np.integer):
-            values, problem = as_integers(values, dtype)
+        if name in sent:  # (another name: refused below)
+            values, problem = cast_to(values, sent[name][1])
             if problem is not None:
                 return None, f"the aggregate's {name} {problem}"
-        elif dtype is not None and (not np.issubdtype(values.dtype, np.inexact) or np.isfinite(values).all()):
-            with np.errstate(over="ignore"):  # an overflow becomes Inf: refused below
-                values = values.astype(dtype)
         out[name] = Array(np.array(values, order="C"))  # (ascontiguousarray would make a 0-d array 1-d)
     record = ArrayRecord(out)
     problem = arrays_problem(sent, record)
