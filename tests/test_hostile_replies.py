@@ -402,6 +402,16 @@ def test_conform_keeps_an_aggregate_already_of_the_models_dtype():
     assert np.array_equal(record["w"].numpy(), arrays["w"]) and record["w"].numpy().dtype == np.float32
 
 
+def test_conform_rounds_and_range_checks_aggregates_of_other_dtypes():
+    specs = {"count": ((3,), np.dtype(np.int64))}
+    # unsigned, holding int64's largest value: exact as an integer (through float64 it is 2**63, out of range)
+    record, problem = conform(ArrayRecord({"count": Array(np.array([2**63 - 1, 0, 5], np.uint64))}), specs)
+    assert problem is None and record["count"].numpy().tolist() == [2**63 - 1, 0, 5]
+    # float32, rounded to the nearest (a cast alone gives 2, 0, 1)
+    record, problem = conform(ArrayRecord({"count": Array(np.array([2.7, -0.6, 1.5], np.float32))}), specs)
+    assert problem is None and record["count"].numpy().tolist() == [3, -1, 2]
+
+
 def test_conform_passes_an_empty_counter():
     specs = {"count": ((0,), np.dtype(np.int64))}
     record, problem = conform(_aggregate(count=np.zeros(0)), specs)
