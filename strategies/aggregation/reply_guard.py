@@ -8,10 +8,10 @@ weight) in 1..the most that partition holds (the server computes partition sizes
 same split the clients use; `max-examples` caps them in a deployment whose clients hold
 their own data). Anything else is refused, logged, and never aggregated; replies that carry
 an error (the client crashed, or its node died) are logged too, and so are rounds a rule
-refuses and aggregates that are not finite (the global model then stays as it was). All end
-up in summary.json's `client_failures` with the node and its partition. What malicious
-clients report about their attack (update norms, masked shares; see attacks/base.py) is kept
-per reply for `attack_log`.
+refuses and aggregates that are not finite or put an integer buffer out of its range (the
+global model then stays as it was). All end up in summary.json's `client_failures` with the
+node and its partition. What malicious clients report about their attack (update norms,
+masked shares; see attacks/base.py) is kept per reply for `attack_log`.
 """
 
 from __future__ import annotations
