@@ -358,14 +358,11 @@ def test_conform_keeps_counters_at_the_ends_of_their_range(count):
     ({"w": [1e300, 0, 0], "count": [0, 0, 0]}, "the aggregate's w holds NaN or Inf"),
     ({"w": [0, 0, 0], "count": [0, 0]}, "the aggregate's count has shape (2,), expected (3,)"),
 ])
+@pytest.mark.filterwarnings("error")
 def test_conform_refuses_what_must_not_become_the_global_model(arrays, reason):
     """Each refusal says why, and none warns on the way (a cast that overflows to Inf, or a
     counter wrapped round to a finite wrong value, would)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert conform(_aggregate(**arrays), SPECS) == (None, reason)
+    assert conform(_aggregate(**arrays), SPECS) == (None, reason)
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int8, np.uint8])
@@ -375,28 +372,25 @@ def test_conform_keeps_integer_aggregates_exact_to_the_ends_of_the_range(dtype):
     info = np.iinfo(dtype)
     specs = {"count": ((3,), np.dtype(dtype))}
     counters = np.array([info.min, info.max, 7], dtype)
-    record, problem = conform(ArrayRecord({"count": Array(counters)}), specs)
+    record, problem = conform(_aggregate(count=counters), specs)
     assert problem is None and record["count"].numpy().tolist() == [int(info.min), int(info.max), 7]
 
 
+@pytest.mark.filterwarnings("error")
 def test_conform_holds_a_float16_aggregate_to_the_counters_range():
     """60000 is one of float16's values, past int8's range and within int32's (comparing in
     float16 itself would overflow int32's bound to Inf, and warn)."""
-    import warnings
-
-    counters = ArrayRecord({"count": Array(np.array([0, 2.5, 60000], np.float16))})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert conform(counters, {"count": ((3,), np.dtype(np.int8))}) == (
-            None, "the aggregate's count is outside the range of int8")
-        record, problem = conform(counters, {"count": ((3,), np.dtype(np.int32))})
+    counters = _aggregate(count=np.array([0, 2.5, 60000], np.float16))
+    assert conform(counters, {"count": ((3,), np.dtype(np.int8))}) == (
+        None, "the aggregate's count is outside the range of int8")
+    record, problem = conform(counters, {"count": ((3,), np.dtype(np.int32))})
     assert problem is None and record["count"].numpy().tolist() == [0, 2, 60000]
 
 
 def test_conform_keeps_an_aggregate_already_of_the_models_dtype():
     specs = {"flag": ((2,), np.dtype(np.bool_)), "w": ((2,), np.dtype(np.float32))}
     arrays = {"flag": np.array([True, False]), "w": np.array([0.25, -3.0], np.float32)}
-    record, problem = conform(ArrayRecord({k: Array(v) for k, v in arrays.items()}), specs)
+    record, problem = conform(_aggregate(**arrays), specs)
     assert problem is None
     assert record["flag"].numpy().tolist() == [True, False] and record["flag"].numpy().dtype == np.bool_
     assert np.array_equal(record["w"].numpy(), arrays["w"]) and record["w"].numpy().dtype == np.float32
@@ -405,10 +399,10 @@ def test_conform_keeps_an_aggregate_already_of_the_models_dtype():
 def test_conform_rounds_and_range_checks_aggregates_of_other_dtypes():
     specs = {"count": ((3,), np.dtype(np.int64))}
     # unsigned, holding int64's largest value: exact as an integer (through float64 it is 2**63, out of range)
-    record, problem = conform(ArrayRecord({"count": Array(np.array([2**63 - 1, 0, 5], np.uint64))}), specs)
+    record, problem = conform(_aggregate(count=np.array([2**63 - 1, 0, 5], np.uint64)), specs)
     assert problem is None and record["count"].numpy().tolist() == [2**63 - 1, 0, 5]
     # float32, rounded to the nearest (a cast alone gives 2, 0, 1)
-    record, problem = conform(ArrayRecord({"count": Array(np.array([2.7, -0.6, 1.5], np.float32))}), specs)
+    record, problem = conform(_aggregate(count=np.array([2.7, -0.6, 1.5], np.float32)), specs)
     assert problem is None and record["count"].numpy().tolist() == [3, -1, 2]
 
 
